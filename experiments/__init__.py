@@ -1,0 +1,1 @@
+"""Thin entry points (Hydra mains, plots, analysis, benchmark)."""
