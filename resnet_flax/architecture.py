@@ -1,0 +1,159 @@
+"""Model specification and its validation: which blocks, widths and strides a depth means."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODELS = ("plain", "residual", "preact")
+FAMILIES = ("cifar", "imagenet")
+SHORTCUTS = ("A", "B", "C")
+BLOCKS = ("auto", "basic", "bottleneck")
+DTYPES = ("float32", "bfloat16")
+
+# ImageNet family, He et al. 2015 Table 1: blocks per stage and the block kind.
+IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+CIFAR_WIDTHS = (16, 32, 64)
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+BOTTLENECK_EXPANSION = 4
+# He et al. 2016 use bottleneck units from 164 layers on; below that basic units.
+CIFAR_BOTTLENECK_FROM = 164
+
+
+class SpecError(ValueError):
+    """An impossible model choice; the message names the valid values."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that defines a network; plain values only so configs map onto it directly."""
+
+    model: str = "residual"
+    depth: int = 20
+    family: str = "cifar"
+    shortcut: str = "A"
+    block: str = "auto"
+    num_classes: int = 10
+    in_channels: int = 3
+    zero_init_residual: bool = False
+    remat: bool = False
+    dtype: str = "float32"
+    bn_momentum: float = 0.9  # PyTorch's momentum 0.1 in Flax's convention
+    bn_epsilon: float = 1e-5
+    conv_impl: str = "auto"
+
+    def replace(self, **changes) -> ModelSpec:
+        """Return a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage: how many blocks, their inner width, output width and first stride."""
+
+    num_blocks: int
+    width: int
+    out_width: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A validated spec resolved into stem, stages and block kind."""
+
+    spec: ModelSpec
+    block: str  # basic | bottleneck
+    stem_width: int
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def convs_per_block(self) -> int:
+        """Weighted layers on a block's residual branch."""
+        return 2 if self.block == "basic" else 3
+
+    @property
+    def weighted_layers(self) -> int:
+        """Stem conv + branch convs + the classifier, as the paper counts depth."""
+        return 1 + self.convs_per_block * sum(s.num_blocks for s in self.stages) + 1
+
+
+def _cifar_block(depth: int, requested: str) -> str:
+    """Pick the CIFAR block kind for a depth, or explain which depths are valid."""
+    basic_ok = depth >= 8 and (depth - 2) % 6 == 0
+    bottleneck_ok = depth >= 11 and (depth - 2) % 9 == 0
+    if requested == "basic":
+        if not basic_ok:
+            raise SpecError(
+                f"CIFAR depth with basic blocks must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); "
+                f"got {depth}"
+            )
+        return "basic"
+    if requested == "bottleneck":
+        if not bottleneck_ok:
+            raise SpecError(
+                f"CIFAR depth with bottleneck blocks must be 9n+2 (164, 1001, ...); got {depth}"
+            )
+        return "bottleneck"
+    if bottleneck_ok and depth >= CIFAR_BOTTLENECK_FROM:
+        return "bottleneck"
+    if basic_ok:
+        return "basic"
+    if bottleneck_ok:
+        return "bottleneck"
+    raise SpecError(
+        f"CIFAR depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...) or, for bottleneck blocks, "
+        f"9n+2 (164, 1001, ...); got {depth}"
+    )
+
+
+def _check_choice(name: str, value, valid) -> None:
+    """Raise one clear line when value is not among valid."""
+    if value not in valid:
+        raise SpecError(f"{name} must be one of {', '.join(map(str, valid))}; got {value!r}")
+
+
+def resolve(spec: ModelSpec) -> Architecture:
+    """Validate a spec and resolve it into stages; raises SpecError with the valid values."""
+    _check_choice("model", spec.model, MODELS)
+    _check_choice("family", spec.family, FAMILIES)
+    _check_choice("shortcut", spec.shortcut, SHORTCUTS)
+    _check_choice("block", spec.block, BLOCKS)
+    _check_choice("dtype", spec.dtype, DTYPES)
+    _check_choice("conv_impl", spec.conv_impl, ("auto", "xla", "fast"))
+    if not isinstance(spec.depth, int) or isinstance(spec.depth, bool):
+        raise SpecError(f"depth must be an integer; got {spec.depth!r}")
+    if spec.num_classes < 2:
+        raise SpecError(f"num_classes must be at least 2; got {spec.num_classes}")
+    if spec.in_channels < 1:
+        raise SpecError(f"in_channels must be at least 1; got {spec.in_channels}")
+    if not 0.0 <= spec.bn_momentum < 1.0:
+        raise SpecError(f"bn_momentum must be in [0, 1); got {spec.bn_momentum}")
+
+    if spec.family == "cifar":
+        block = _cifar_block(spec.depth, spec.block)
+        per_block = 2 if block == "basic" else 3
+        n = (spec.depth - 2) // per_block // 3
+        expansion = 1 if block == "basic" else BOTTLENECK_EXPANSION
+        stages = tuple(
+            StagePlan(n, w, w * expansion, 1 if i == 0 else 2) for i, w in enumerate(CIFAR_WIDTHS)
+        )
+        return Architecture(spec, block, CIFAR_WIDTHS[0], stages)
+
+    if spec.depth not in IMAGENET_DEPTHS:
+        valid = ", ".join(map(str, IMAGENET_DEPTHS))
+        raise SpecError(f"ImageNet depth must be one of {valid}; got {spec.depth}")
+    block, counts = IMAGENET_DEPTHS[spec.depth]
+    if spec.block not in ("auto", block):
+        raise SpecError(f"ImageNet depth {spec.depth} uses {block} blocks; got block={spec.block}")
+    expansion = 1 if block == "basic" else BOTTLENECK_EXPANSION
+    stages = tuple(
+        StagePlan(c, w, w * expansion, 1 if i == 0 else 2)
+        for i, (c, w) in enumerate(zip(counts, IMAGENET_WIDTHS, strict=True))
+    )
+    return Architecture(spec, block, IMAGENET_WIDTHS[0], stages)

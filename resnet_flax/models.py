@@ -1,0 +1,288 @@
+"""One Flax NNX builder for plain, residual and pre-activation nets (CIFAR and ImageNet)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resnet_flax.architecture import Architecture, ModelSpec, StagePlan, resolve
+
+# He et al. 2015 initialise with N(0, 2/n), n = k*k*c_in (the fan-in).
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+# The classifier as in the paper's Torch code (PyTorch's Linear default: U(+-1/sqrt(fan_in))).
+dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _conv_fn(spec: ModelSpec) -> Callable:
+    """The convolution primitive for this spec (XLA's, or the CPU-friendly custom VJP)."""
+    if spec.conv_impl == "xla":
+        return jax.lax.conv_general_dilated
+    try:
+        from resnet_flax.conv import select_conv
+    except ImportError:  # the fast CPU convolution is optional
+        return jax.lax.conv_general_dilated
+    return select_conv(spec.conv_impl)
+
+
+class ConvBN(nnx.Module):
+    """Convolution without bias followed by BatchNorm (the BN may be zero-initialised)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int,
+        *,
+        zero_scale: bool = False,
+        bn: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        dtype = jnp.dtype(spec.dtype)
+        pad = (kernel - 1) // 2
+        self.conv = nnx.Conv(
+            cin,
+            cout,
+            (kernel, kernel),
+            strides=stride,
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            kernel_init=he_normal,
+            dtype=dtype,
+            conv_general_dilated=_conv_fn(spec),
+            rngs=rngs,
+        )
+        self.bn = (
+            nnx.BatchNorm(
+                cout,
+                momentum=spec.bn_momentum,
+                epsilon=spec.bn_epsilon,
+                dtype=dtype,
+                scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
+                rngs=rngs,
+            )
+            if bn
+            else None
+        )
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = self.conv(x)
+        return y if self.bn is None else self.bn(y, use_running_average=not train)
+
+
+class PreActBN(nnx.Module):
+    """BatchNorm then ReLU: the pre-activation that precedes a conv in He et al. 2016."""
+
+    def __init__(self, spec: ModelSpec, channels: int, *, rngs: nnx.Rngs):
+        self.bn = nnx.BatchNorm(
+            channels,
+            momentum=spec.bn_momentum,
+            epsilon=spec.bn_epsilon,
+            dtype=jnp.dtype(spec.dtype),
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return nnx.relu(self.bn(x, use_running_average=not train))
+
+
+def option_a_shortcut(x: jax.Array, cout: int, stride: int) -> jax.Array:
+    """Parameter-free shortcut: subsample spatially, zero-pad the new channels."""
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    extra = cout - x.shape[-1]
+    if extra > 0:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    return x
+
+
+class Block(nnx.Module):
+    """One unit: basic or bottleneck branch, original or pre-activation order, any shortcut.
+
+    Plain, residual and pre-activation nets differ only here: plain has no shortcut,
+    residual adds it before the last ReLU, pre-activation puts BN-ReLU before each conv.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, kind: str, cin: int, width: int, cout: int, stride: int, rngs
+    ):
+        self.preact = spec.model == "preact"
+        self.residual = spec.model != "plain"
+        self.cout, self.stride = cout, stride
+        if kind == "basic":
+            shapes = [(cin, width, 3, stride), (width, cout, 3, 1)]
+        else:
+            # Stride on the 3x3 (as torchvision and Flax's examples: "ResNet v1.5").
+            shapes = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)]
+        last = len(shapes) - 1
+        zero_last = spec.zero_init_residual and self.residual and not self.preact
+        self.convs = nnx.List(
+            [
+                ConvBN(
+                    spec,
+                    a,
+                    b,
+                    k,
+                    s,
+                    zero_scale=zero_last and i == last,
+                    bn=not self.preact,
+                    rngs=rngs,
+                )
+                for i, (a, b, k, s) in enumerate(shapes)
+            ]
+        )
+        self.preacts = (
+            nnx.List([PreActBN(spec, a, rngs=rngs) for (a, _, _, _) in shapes])
+            if self.preact
+            else None
+        )
+        changes_shape = stride != 1 or cin != cout
+        project = self.residual and (
+            spec.shortcut == "C" or (spec.shortcut == "B" and changes_shape)
+        )
+        # A pre-activation projection takes the normalised input, as in He et al. 2016.
+        self.projection = (
+            ConvBN(spec, cin, cout, 1, stride, bn=not self.preact, rngs=rngs) if project else None
+        )
+
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, list[jax.Array]]:
+        """Apply the unit; also return each branch conv's response (after BN in v1)."""
+        responses = []
+        h = x
+        first_preact = None
+        for i, conv in enumerate(self.convs):
+            if self.preact:
+                h = self.preacts[i](h, train)
+                if i == 0:
+                    first_preact = h
+            elif i > 0:
+                h = nnx.relu(h)
+            h = conv(h, train)
+            responses.append(h)
+        if self.residual:
+            if self.projection is not None:
+                h = h + self.projection(first_preact if self.preact else x, train)
+            else:
+                h = h + option_a_shortcut(x, self.cout, self.stride).astype(h.dtype)
+        return (h if self.preact else nnx.relu(h)), responses
+
+
+class Stage(nnx.Module):
+    """A stage: the first block (may change shape) and the identical rest, stacked and scanned."""
+
+    def __init__(self, spec: ModelSpec, kind: str, cin: int, plan: StagePlan, rngs: nnx.Rngs):
+        self.remat = spec.remat
+        self.first = Block(spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs)
+        self.num_rest = plan.num_blocks - 1
+        rest = None
+        if self.num_rest > 0:
+            make = partial(Block, spec, kind, plan.out_width, plan.width, plan.out_width, 1)
+
+            @nnx.split_rngs(splits=self.num_rest)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs: nnx.Rngs) -> Block:
+                return make(rngs)
+
+            rest = create(rngs)
+        self.rest = rest
+
+    def _apply(self, block: Block, x: jax.Array, train: bool):
+        if not self.remat:
+            return block(x, train)
+        # Rematerialise a block: keep only its input, recompute its inside on the backward.
+        graphdef, state = nnx.split(block)
+
+        def pure(state, h):
+            b = nnx.merge(graphdef, state, copy=True)
+            out = b(h, train)
+            return out, nnx.state(b)
+
+        out, new_state = jax.checkpoint(pure)(state, x)
+        nnx.update(block, new_state)
+        return out
+
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+        """Apply all blocks; responses of scanned blocks come back stacked on axis 0."""
+        x, first = self._apply(self.first, x, train)
+        rest = []
+        if self.rest is not None:
+
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            def body(h, block):
+                return self._apply(block, h, train)
+
+            x, rest = body(x, self.rest)
+        return x, {"first": first, "rest": rest}
+
+
+class ResNet(nnx.Module):
+    """Stem, stages of blocks, global average pool, classifier; see resolve() for the layout."""
+
+    def __init__(self, arch: Architecture, *, rngs: nnx.Rngs):
+        spec = arch.spec
+        self.arch = arch
+        self.family, self.preact = spec.family, spec.model == "preact"
+        stem_kernel, stem_stride = (3, 1) if spec.family == "cifar" else (7, 2)
+        # A CIFAR pre-activation net starts straight with a conv; its first unit normalises.
+        stem_bn = not (self.preact and spec.family == "cifar")
+        self.stem = ConvBN(
+            spec, spec.in_channels, arch.stem_width, stem_kernel, stem_stride, bn=stem_bn, rngs=rngs
+        )
+        self.stem_bn = stem_bn
+        stages, cin = [], arch.stem_width
+        for plan in arch.stages:
+            stages.append(Stage(spec, arch.block, cin, plan, rngs))
+            cin = plan.out_width
+        self.stages = nnx.List(stages)
+        self.final_preact = PreActBN(spec, cin, rngs=rngs) if self.preact else None
+        self.head = nnx.Linear(
+            cin, spec.num_classes, kernel_init=dense_init, dtype=jnp.dtype(spec.dtype), rngs=rngs
+        )
+        self.dtype = jnp.dtype(spec.dtype)
+
+    def __call__(self, x: jax.Array, train: bool = False, capture: bool = False):
+        """Logits (float32); with capture=True also every branch conv's response per stage."""
+        x = self.stem(x.astype(self.dtype), train)
+        if self.stem_bn:
+            x = nnx.relu(x)
+        if self.family == "imagenet":
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        responses = []
+        for stage in self.stages:
+            x, r = stage(x, train)
+            responses.append(r)
+        if self.final_preact is not None:
+            x = self.final_preact(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        logits = self.head(x).astype(jnp.float32)
+        return (logits, responses) if capture else logits
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> ResNet:
+    """Validate the spec and build the network with parameters drawn from seed."""
+    return ResNet(resolve(spec), rngs=nnx.Rngs(seed))
+
+
+def abstract_model(spec: ModelSpec) -> ResNet:
+    """The network with shapes only (no memory, no compile): for counting and restoring."""
+    arch = resolve(spec)
+    return nnx.eval_shape(lambda: ResNet(arch, rngs=nnx.Rngs(0)))
+
+
+def flatten_responses(responses: list[dict]) -> list[tuple[str, jax.Array]]:
+    """Per-stage responses in layer order as (name, array) pairs; stacked blocks unstacked."""
+    out = []
+    for s, stage in enumerate(responses, start=1):
+        for c, r in enumerate(stage["first"], start=1):
+            out.append((f"stage{s}/block0/conv{c}", r))
+        if stage["rest"]:
+            num = stage["rest"][0].shape[0]
+            for b in range(num):
+                for c, r in enumerate(stage["rest"], start=1):
+                    out.append((f"stage{s}/block{b + 1}/conv{c}", r[b]))
+    return out

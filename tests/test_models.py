@@ -1,0 +1,178 @@
+"""Model zoo: published parameter counts, MACs, shapes, shortcut options and the math of blocks."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from resnet_flax.architecture import ModelSpec, SpecError, resolve
+from resnet_flax.models import Block, Stage, abstract_model, build_model, flatten_responses
+from resnet_flax.summary import count_params, summarize
+
+CIFAR_PARAMS = {
+    20: 269_722,
+    32: 464_154,
+    44: 658_586,
+    56: 853_018,
+    110: 1_727_962,
+    1202: 19_421_274,
+}
+IMAGENET_PARAMS = {
+    18: 11_689_512,
+    34: 21_797_672,
+    50: 25_557_032,
+    101: 44_549_160,
+    152: 60_192_808,
+}
+
+
+@pytest.mark.parametrize("depth,expected", CIFAR_PARAMS.items())
+def test_cifar_option_a_counts_match_paper(depth, expected):
+    for model in ("residual", "plain"):
+        assert count_params(abstract_model(ModelSpec(model=model, depth=depth))) == expected
+    assert resolve(ModelSpec(depth=depth)).weighted_layers == depth
+
+
+@pytest.mark.parametrize("depth,expected", IMAGENET_PARAMS.items())
+def test_imagenet_option_b_counts_match_torchvision(depth, expected):
+    spec = ModelSpec(depth=depth, family="imagenet", shortcut="B", num_classes=1000)
+    assert count_params(abstract_model(spec)) == expected
+    assert resolve(spec).weighted_layers == depth
+
+
+@pytest.mark.parametrize("depth,macs", [(20, 40.55e6), (56, 125.49e6), (110, 252.89e6)])
+def test_cifar_macs(depth, macs):
+    summary = summarize(ModelSpec(depth=depth))
+    assert summary.macs == pytest.approx(macs, rel=0.01)
+    assert summary.weighted_layers == depth
+
+
+def test_resnet50_macs():
+    spec = ModelSpec(depth=50, family="imagenet", shortcut="B", num_classes=1000)
+    assert summarize(spec).macs == pytest.approx(4.09e9, rel=0.02)
+
+
+def test_preact_bottleneck_depths():
+    # He et al. 2016: ResNet-164 1.7M, ResNet-1001 10.2M parameters.
+    assert summarize(ModelSpec(model="preact", depth=164, shortcut="B")).params == pytest.approx(
+        1.7e6, rel=0.01
+    )
+    assert resolve(ModelSpec(model="preact", depth=1001)).block == "bottleneck"
+    assert resolve(ModelSpec(model="preact", depth=110)).block == "basic"
+
+
+def test_option_c_projects_every_block_and_b_only_at_changes():
+    def projections(shortcut):
+        model = abstract_model(ModelSpec(depth=20, shortcut=shortcut))
+        n = 0
+        for stage in model.stages:
+            n += stage.first.projection is not None
+            if stage.rest is not None and stage.rest.projection is not None:
+                n += stage.num_rest
+        return n
+
+    assert projections("A") == 0
+    assert projections("B") == 2  # the two stage changes of the CIFAR net
+    assert projections("C") == 9
+    a = count_params(abstract_model(ModelSpec(depth=20, shortcut="A")))
+    c = count_params(abstract_model(ModelSpec(depth=20, shortcut="C")))
+    assert c > a
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (ModelSpec(depth=57), "CIFAR depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...)"),
+        (ModelSpec(depth=57), "got 57"),
+        (ModelSpec(depth=20, family="imagenet"), "18, 34, 50, 101, 152; got 20"),
+        (ModelSpec(model="dense"), "model must be one of plain, residual, preact"),
+        (ModelSpec(shortcut="D"), "shortcut must be one of A, B, C"),
+        (ModelSpec(depth=32, block="bottleneck"), "9n+2 (164, 1001, ...); got 32"),
+    ],
+)
+def test_invalid_specs_name_the_valid_values(spec, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        resolve(spec)
+
+
+@pytest.mark.parametrize("model", ["plain", "residual", "preact"])
+def test_output_shapes_and_responses(model):
+    net = build_model(ModelSpec(model=model, depth=8, in_channels=1, num_classes=7))
+    x = jnp.ones((2, 8, 8, 1))
+    logits, responses = net(x, train=True, capture=True)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    named = flatten_responses(responses)
+    assert len(named) == 6  # 3 stages x 1 block x 2 convs
+    assert named[-1][1].shape == (2, 2, 2, 64)
+
+
+def test_imagenet_output_shape():
+    net = build_model(ModelSpec(depth=18, family="imagenet", num_classes=5))
+    assert net(jnp.ones((1, 64, 64, 3))).shape == (1, 5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    net = build_model(ModelSpec(depth=8, dtype="bfloat16"))
+    logits, responses = net(jnp.ones((2, 8, 8, 3)), train=True, capture=True)
+    assert logits.dtype == jnp.float32
+    assert flatten_responses(responses)[0][1].dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(net, nnx.Param))} == {jnp.dtype("float32")}
+
+
+def _zero_branch(block: Block) -> None:
+    """Make the residual branch output exactly zero (last BN scale and shift set to 0)."""
+    bn = block.convs[-1].bn
+    bn.scale.value = jnp.zeros_like(bn.scale.value)
+    bn.bias.value = jnp.zeros_like(bn.bias.value)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_zeroed_branch_is_identity_on_nonnegative_inputs(kind):
+    spec = ModelSpec(depth=20)
+    block = Block(spec, kind, 16, 4 if kind == "bottleneck" else 16, 16, 1, nnx.Rngs(0))
+    _zero_branch(block)
+    x = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 6, 6, 16)))
+    for train in (True, False):
+        y, _ = block(x, train)
+        np.testing.assert_allclose(y, x, atol=1e-6)
+
+
+def test_zero_init_residual_option_makes_blocks_identity_at_init():
+    net = build_model(ModelSpec(depth=8, zero_init_residual=True))
+    scale = net.stages[0].first.convs[-1].bn.scale.value
+    assert float(jnp.abs(scale).max()) == 0.0
+    assert float(net.stages[0].first.convs[0].bn.scale.value.min()) == 1.0
+
+
+def test_scanned_stage_equals_sequential_blocks():
+    from resnet_flax.architecture import StagePlan
+
+    spec = ModelSpec(depth=20)
+    stage = Stage(spec, "basic", 16, StagePlan(3, 16, 16, 1), nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 16))
+    expected, _ = stage.first(x, False)
+    graphdef, state = nnx.split(stage.rest)
+    for i in range(stage.num_rest):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+        expected, _ = block(expected, False)
+    got, _ = stage(x, False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+
+    def grads(remat):
+        net = build_model(ModelSpec(depth=8, remat=remat), seed=1)
+        graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+
+        def loss(p):
+            return jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x, train=True) ** 2)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
