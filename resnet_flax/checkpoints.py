@@ -1,0 +1,61 @@
+"""Orbax checkpoints of the training state; resume from the newest one that restores."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves the state every few iterations and restores the newest complete checkpoint."""
+
+    def __init__(self, directory: Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def save(self, step: int, state) -> None:
+        """Write the state at this step (asynchronously; finished before the next save)."""
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+
+    def restore_latest(self, abstract_state) -> tuple[int, object] | None:
+        """The newest checkpoint that restores, as (step, state); None when there is none.
+
+        A corrupt or partial newest checkpoint is reported and the one before it is tried,
+        so a run killed while writing loses at most one checkpoint interval.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            except Exception as err:  # any failure to read means this checkpoint is unusable
+                log.warning(
+                    "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                    self.directory,
+                    step,
+                    type(err).__name__,
+                    str(err).splitlines()[0][:200] if str(err) else "",
+                )
+                continue
+            return step, state
+        return None
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state) -> object:
+    """Shape/dtype/sharding structs for a state pytree (the restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -1,0 +1,222 @@
+"""In-memory datasets as uint8 arrays: TFDS image sets, scikit-learn's digits, a user's npz."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
+LOCAL_DATASETS = ("digits", "npz")
+DATASETS = TFDS_DATASETS + LOCAL_DATASETS
+NORMALIZATIONS = ("pixel_mean", "channel_std")
+# The validation split is always drawn with this seed, so every run of a sweep sees the same one.
+VALIDATION_SEED = 12345
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded; the message says what is valid and what to do."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, how it is split, normalised and augmented."""
+
+    name: str = "cifar10"
+    data_dir: str | None = None
+    path: str | None = None  # the npz file for name="npz"
+    validation_size: int = 0
+    normalization: str = "pixel_mean"
+    crop_padding: int = 4  # 0 disables random crops
+    flip: bool = True
+    download: bool = False
+
+
+@dataclass
+class Dataset:
+    """Host-memory uint8 images (NHWC) and int32 labels for each split."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image."""
+        return tuple(self.x_train.shape[1:])
+
+
+def default_data_dir(data_dir: str | None) -> str:
+    """The TFDS data_dir: the given one, $TFDS_DATA_DIR, or TFDS's default ~/tensorflow_datasets."""
+    return os.path.expanduser(
+        data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    )
+
+
+def _read_tfds_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split fully into numpy, batching explicitly (batch_size=-1 breaks under mocks)."""
+    import tensorflow_datasets as tfds
+
+    xs, ys = [], []
+    ds = builder.as_dataset(split=split, as_supervised=True, batch_size=10_000)
+    for x, y in tfds.as_numpy(ds):
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int32)
+
+
+def load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
+    """Load a prepared TFDS image dataset; fail in seconds with a fix when it is not prepared."""
+    import tensorflow_datasets as tfds
+
+    data_dir = default_data_dir(data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+        builder.download_and_prepare()
+    try:
+        x_train, y_train = _read_tfds_split(builder, "train")
+        x_test, y_test = _read_tfds_split(builder, "test")
+    except AssertionError as err:
+        raise DataError(
+            f"dataset {name!r} is not prepared in data_dir {data_dir!r} and downloads are off. "
+            f"On a machine with internet run `tfds build {name} --data_dir {data_dir}` "
+            f"(or `python -m experiments.train dataset={name} dataset.download=true`), then copy "
+            f"{data_dir}/{name} here or point dataset.data_dir / $TFDS_DATA_DIR at it; "
+            f"offline, use dataset=digits."
+        ) from err
+    num_classes = builder.info.features["label"].num_classes
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, info={"source": "tfds"})
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 1,797 real 8x8 digits, scaled to uint8, a fixed 80/20 split."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.2, random_state=0, stratify=labels
+    )
+    return Dataset("digits", x_train, y_train, x_test, y_test, 10, info={"source": "sklearn"})
+
+
+def _as_images(name: str, array: np.ndarray) -> np.ndarray:
+    """Check one npz image array and return it as uint8 NHWC."""
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise DataError(
+            f"npz array {name!r} must have shape (N, H, W) or (N, H, W, C); got {array.shape}"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        lo, hi = float(array.min(initial=0)), float(array.max(initial=0))
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"npz float array {name!r} must hold values in [0, 1]; got [{lo:g}, {hi:g}] "
+                "(store uint8 0..255 instead)"
+            )
+        return np.round(array * 255).astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"npz array {name!r} must be uint8 (or float in [0, 1]); got {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise DataError(f"npz integer array {name!r} must hold values in 0..255")
+    return array.astype(np.uint8)
+
+
+def load_npz(path: str | None) -> Dataset:
+    """A user's arrays x_train, y_train, x_test, y_test from one .npz file (no pickle)."""
+    if not path:
+        raise DataError("dataset=npz needs dataset.path=/path/to/file.npz")
+    if not Path(path).is_file():
+        raise DataError(f"npz file not found: {path}")
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise DataError(
+                    f"npz file {path} lacks {', '.join(missing)}; it must hold {', '.join(keys)} "
+                    f"(found: {', '.join(f.files) or 'nothing'})"
+                )
+            arrays = {k: f[k] for k in keys}
+    except DataError:
+        raise
+    except ValueError as err:  # object arrays would need pickle
+        raise DataError(f"npz file {path} cannot be read without pickle: {err}") from err
+    except Exception as err:
+        raise DataError(f"{path} is not a readable .npz file: {err}") from err
+    x_train, x_test = (
+        _as_images("x_train", arrays["x_train"]),
+        _as_images("x_test", arrays["x_test"]),
+    )
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"x_train images {x_train.shape[1:]} and x_test images {x_test.shape[1:]} differ"
+        )
+    labels = {}
+    for split, x in (("train", x_train), ("test", x_test)):
+        y = arrays[f"y_{split}"]
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(
+                f"y_{split} must be 1-D integer labels, one per image ({len(x)}); "
+                f"got shape {y.shape}, dtype {y.dtype}"
+            )
+        if y.size and y.min() < 0:
+            raise DataError(f"y_{split} labels must be >= 0; got {y.min()}")
+        labels[split] = y.astype(np.int32)
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise DataError("x_train and x_test must each hold at least one image")
+    num_classes = int(max(labels["train"].max(), labels["test"].max())) + 1
+    if num_classes < 2:
+        raise DataError("the labels must name at least 2 classes")
+    return Dataset(
+        Path(path).stem,
+        x_train,
+        labels["train"],
+        x_test,
+        labels["test"],
+        num_classes,
+        info={"source": "npz", "path": str(path)},
+    )
+
+
+def hold_out_validation(data: Dataset, size: int) -> Dataset:
+    """Move `size` training examples, chosen with a fixed seed, into a validation split."""
+    if size <= 0:
+        return data
+    if size >= len(data.x_train):
+        raise DataError(
+            f"validation_size must be below the training set size {len(data.x_train)}; got {size}"
+        )
+    order = np.random.default_rng(VALIDATION_SEED).permutation(len(data.x_train))
+    val, train = order[:size], np.sort(order[size:])
+    data.x_val, data.y_val = data.x_train[val], data.y_train[val]
+    data.x_train, data.y_train = data.x_train[train], data.y_train[train]
+    return data
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load the configured dataset into host memory, with its validation split if asked."""
+    if cfg.name not in DATASETS:
+        raise DataError(f"dataset must be one of {', '.join(DATASETS)}; got {cfg.name!r}")
+    if cfg.normalization not in NORMALIZATIONS:
+        raise DataError(
+            f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {cfg.normalization!r}"
+        )
+    if cfg.name == "digits":
+        data = load_digits()
+    elif cfg.name == "npz":
+        data = load_npz(cfg.path)
+    else:
+        data = load_tfds(cfg.name, cfg.data_dir, cfg.download)
+    return hold_out_validation(data, cfg.validation_size)

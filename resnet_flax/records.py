@@ -1,0 +1,111 @@
+"""Run records: metrics.jsonl, TensorBoard events and summary.json (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that decide the numbers."""
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (with '+dirty' if it has uncommitted changes)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The metrics lines of a run; a torn last line (killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def _finite(value):
+    """JSON has no NaN: non-finite floats are written as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+class RunRecorder:
+    """Appends metric lines to metrics.jsonl and TensorBoard; rewrites summary.json."""
+
+    def __init__(self, run_dir: Path, resume_from: int):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        # Lines past the checkpoint we resume from will be produced again: drop them.
+        kept = [m for m in read_metrics(self.metrics_path) if m["iteration"] <= resume_from]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, self.metrics_path)
+        self.history = kept
+        self._file = self.metrics_path.open("a")
+        self._events = EventFileWriter(str(self.run_dir))
+
+    def log(self, line: dict) -> None:
+        """Record one metrics line (must hold 'iteration' and 'epoch')."""
+        line = {k: _finite(v) for k, v in line.items()}
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        self.history.append(line)
+        values = [
+            summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+            for k, v in line.items()
+            if k != "iteration" and isinstance(v, int | float)
+        ]
+        self._events.add_event(
+            event_pb2.Event(
+                wall_time=time.time(),
+                step=int(line["iteration"]),
+                summary=summary_pb2.Summary(value=values),
+            )
+        )
+
+    def write_summary(self, summary: dict) -> None:
+        """Atomically replace summary.json."""
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / "summary.json")
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        self._file.close()
+        self._events.close()
