@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,8 @@ def load_npz(path: str | None) -> Dataset:
         raise DataError("dataset=npz needs dataset.path=/path/to/file.npz")
     if not Path(path).is_file():
         raise DataError(f"npz file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a readable .npz file (not a zip archive of .npy arrays)")
     keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as f:

@@ -1,0 +1,181 @@
+"""Datasets, validation split, normalisation and on-device augmentation."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_flax import augment as aug
+from resnet_flax.data import DataConfig, DataError, hold_out_validation, load_dataset, load_npz
+
+
+def test_digits_are_real_uint8_images():
+    data = load_dataset(DataConfig(name="digits"))
+    assert data.x_train.dtype == np.uint8 and data.x_train.shape[1:] == (8, 8, 1)
+    assert len(data.x_train) + len(data.x_test) == 1797
+    assert data.num_classes == 10 and data.x_train.max() == 255
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    a = load_dataset(DataConfig(name="digits", validation_size=100))
+    b = load_dataset(DataConfig(name="digits", validation_size=100))
+    assert len(a.x_val) == 100 and len(a.x_train) == 1437 - 100
+    np.testing.assert_array_equal(a.x_val, b.x_val)
+    train_rows = {r.tobytes() for r in a.x_train.reshape(len(a.x_train), -1)}
+    val_rows = [r.tobytes() for r in a.x_val.reshape(100, -1)]
+    # digits has a few duplicate images, so compare counts, not exact disjointness
+    assert sum(r in train_rows for r in val_rows) < 10
+
+
+def test_missing_tfds_dataset_fails_fast_with_instructions(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path)))
+    assert time.perf_counter() - start < 10
+    message = str(err.value)
+    assert "'cifar10'" in message and str(tmp_path) in message and "tfds build cifar10" in message
+
+
+def test_unknown_dataset_names_the_valid_ones():
+    with pytest.raises(DataError, match="dataset must be one of cifar10, cifar100"):
+        load_dataset(DataConfig(name="cifar11"))
+
+
+def _save(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_npz_roundtrip_accepts_nhw_images(tmp_path):
+    rng = np.random.default_rng(0)
+    path = _save(
+        tmp_path / "mine.npz",
+        x_train=rng.integers(0, 256, (20, 6, 6), dtype=np.uint8),
+        y_train=np.arange(20) % 3,
+        x_test=rng.integers(0, 256, (5, 6, 6), dtype=np.uint8),
+        y_test=np.arange(5) % 3,
+    )
+    data = load_dataset(DataConfig(name="npz", path=path))
+    assert data.x_train.shape == (20, 6, 6, 1) and data.num_classes == 3
+
+
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        ({"x_train": np.zeros((4, 6, 6), np.uint8)}, "lacks y_train, x_test, y_test"),
+        (
+            {
+                "x_train": np.zeros((4, 6), np.uint8),
+                "y_train": np.zeros(4, int),
+                "x_test": np.zeros((2, 6, 6), np.uint8),
+                "y_test": np.zeros(2, int),
+            },
+            r"must have shape \(N, H, W\) or \(N, H, W, C\); got \(4, 6\)",
+        ),
+        (
+            {
+                "x_train": np.zeros((4, 6, 6), np.uint8),
+                "y_train": np.zeros(3, int),
+                "x_test": np.zeros((2, 6, 6), np.uint8),
+                "y_test": np.zeros(2, int),
+            },
+            "y_train must be 1-D integer labels, one per image",
+        ),
+        (
+            {
+                "x_train": np.full((4, 6, 6), 2.0),
+                "y_train": np.zeros(4, int),
+                "x_test": np.zeros((2, 6, 6)),
+                "y_test": np.zeros(2, int),
+            },
+            r"must hold values in \[0, 1\]",
+        ),
+        (
+            {
+                "x_train": np.zeros((4, 6, 6), np.uint8),
+                "y_train": np.zeros(4, int),
+                "x_test": np.zeros((2, 5, 5), np.uint8),
+                "y_test": np.zeros(2, int),
+            },
+            "differ",
+        ),
+    ],
+)
+def test_malformed_npz_says_what_is_wrong(tmp_path, arrays, message):
+    with pytest.raises(DataError, match=message):
+        load_npz(_save(tmp_path / "bad.npz", **arrays))
+
+
+def test_npz_not_a_file_or_pickled(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_npz(str(bad))
+    with pytest.raises(DataError, match="not found"):
+        load_npz(str(tmp_path / "missing.npz"))
+    obj = _save(
+        tmp_path / "obj.npz",
+        x_train=np.array([None] * 4, dtype=object),
+        y_train=np.zeros(4, int),
+        x_test=np.zeros((2, 6, 6), np.uint8),
+        y_test=np.zeros(2, int),
+    )
+    with pytest.raises(DataError, match="without pickle"):
+        load_npz(obj)
+
+
+def test_hold_out_rejects_too_large_validation():
+    data = load_dataset(DataConfig(name="digits"))
+    with pytest.raises(DataError, match="below the training set size"):
+        hold_out_validation(data, 10_000)
+
+
+def test_pixel_mean_normalisation_centres_the_training_set():
+    x = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
+    mean, std = aug.normalization_stats(x, "pixel_mean")
+    assert mean.shape == (4, 4, 3) and np.all(std == 1)
+    out = np.asarray(aug.normalize(jnp.asarray(x), mean, std))
+    np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-5)
+    mean, std = aug.normalization_stats(x, "channel_std")
+    out = np.asarray(aug.normalize(jnp.asarray(x), mean, std))
+    np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1, atol=1e-3)
+
+
+def test_crops_stay_inside_the_padded_image():
+    # Each image holds the index of its pixel: a crop is a shifted window of that ramp.
+    h = w = 8
+    ramp = (np.arange(h)[:, None] * 100 + np.arange(w)[None, :] + 1).astype(np.float32)
+    x = jnp.broadcast_to(jnp.asarray(ramp)[None, :, :, None], (256, h, w, 1))
+    out = np.asarray(aug.random_crop(jax.random.key(0), x, 4))
+    assert out.shape == x.shape
+    for img in out:
+        nz = np.argwhere(img[..., 0] > 0)
+        assert len(nz) > 0  # the window always overlaps the image (|shift| <= 4 < 8)
+        r0, c0 = nz[0]
+        v = img[r0, c0, 0] - 1
+        dr, dc = int(v // 100) - r0, int(v % 100) - c0
+        assert -4 <= dr <= 4 and -4 <= dc <= 4
+        # the visible part is exactly the shifted original, the rest is zero padding
+        rows = np.arange(h)[:, None] + dr
+        cols = np.arange(w)[None, :] + dc
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        expected = np.where(inside, rows * 100 + cols + 1, 0)
+        np.testing.assert_array_equal(img[..., 0], expected)
+    shifts = {tuple(np.argwhere(img[..., 0] > 0)[0]) for img in out}
+    assert len(shifts) > 20  # offsets really vary
+
+
+def test_flips_happen_on_about_half_the_images():
+    x = jnp.broadcast_to(jnp.arange(8.0)[None, None, :, None], (2000, 4, 8, 1))
+    out = np.asarray(aug.random_flip(jax.random.key(1), x))
+    flipped = np.all(out[:, 0, :, 0] == np.arange(8.0)[::-1], axis=1)
+    kept = np.all(out[:, 0, :, 0] == np.arange(8.0), axis=1)
+    assert np.all(flipped | kept)
+    assert 0.45 < flipped.mean() < 0.55
+
+
+def test_augment_off_is_identity():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    np.testing.assert_array_equal(aug.augment(jax.random.key(2), x, 0, False), x)

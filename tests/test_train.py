@@ -1,0 +1,218 @@
+"""Training engine: complete run directories, determinism, resume, divergence, sharding."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resnet_flax.architecture import ModelSpec
+from resnet_flax.data import DataConfig
+from resnet_flax.optim import OptimConfig
+from resnet_flax.records import read_metrics
+from resnet_flax.train import ConfigError, RunInfo, TrainerConfig, check_trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelSpec(model="residual", depth=8)
+DIGITS = DataConfig(name="digits", crop_padding=0, flip=False)
+QUICK = TrainerConfig(
+    iterations=20, batch_size=32, log_every=5, eval_every=10, checkpoint_every=10, progress=False
+)
+RECIPE = OptimConfig(lr=0.05, boundaries=(15,))
+
+
+def _curve(run_dir: Path, key: str) -> list[float]:
+    return [m[key] for m in read_metrics(run_dir / "metrics.jsonl") if key in m]
+
+
+def _assert_complete(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    for key in ("final_test_error", "best_test_error", "final_train_error", "param_count"):
+        assert summary[key] is not None
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    assert all("iteration" in m and "epoch" in m for m in lines)
+    train_lines = [m for m in lines if "train_error" in m]
+    assert train_lines and all(
+        {"lr", "train_loss", "train_error", "images_per_sec"} <= m.keys() for m in train_lines
+    )
+    assert any("test_error" in m for m in lines)
+    assert list((run_dir).glob("events.*"))
+    assert (run_dir / "checkpoints").is_dir()
+    return summary
+
+
+def test_digits_run_directory_is_complete(tmp_path):
+    summary = train(tmp_path, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+    _assert_complete(tmp_path)
+    assert summary["iterations"] == 20 and summary["dataset"] == "digits"
+    assert 0.0 <= summary["final_train_error"] <= 1.0
+    # the lr schedule is in iterations: 0.05 until 15, then divided by 10
+    lrs = _curve(tmp_path, "lr")
+    assert lrs[0] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.005)
+
+
+def test_mocked_cifar10_run_directory_is_complete(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = DataConfig(name="cifar10", data_dir=str(tmp_path / "tfds"), validation_size=8)
+    with tfds.testing.mock_data(num_examples=48):
+        trainer = TrainerConfig(
+            iterations=4,
+            batch_size=8,
+            log_every=2,
+            eval_every=2,
+            checkpoint_every=4,
+            eval_batch_size=16,
+            progress=False,
+        )
+        summary = train(tmp_path / "run", TINY, cfg, RECIPE, trainer, RunInfo("t", 0))
+    _assert_complete(tmp_path / "run")
+    assert summary["dataset"] == "cifar10" and summary["final_val_error"] is not None
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    a = train(tmp_path / "a", TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 3))
+    b = train(tmp_path / "b", TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 3))
+    assert _curve(tmp_path / "a", "train_loss") == _curve(tmp_path / "b", "train_loss")
+    assert a["final_train_error"] == b["final_train_error"]
+
+
+def test_non_finite_loss_ends_run_as_diverged(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from resnet_flax import train as train_module
+
+    real = train_module.cross_entropy
+    monkeypatch.setattr(train_module, "cross_entropy", lambda logits, y: real(logits, y) * jnp.nan)
+    summary = train(tmp_path, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+    assert summary["status"] == "diverged"
+    assert "non-finite" in summary["message"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["status"] == "diverged"
+    assert read_metrics(tmp_path / "metrics.jsonl")  # the metrics so far are kept
+
+
+def test_bad_intervals_fail_before_compiling():
+    with pytest.raises(ConfigError, match="multiple of trainer.log_every"):
+        check_trainer(TrainerConfig(log_every=7, eval_every=10), 1)
+    with pytest.raises(ConfigError, match="divisible by the 8 devices"):
+        check_trainer(TrainerConfig(batch_size=12), 8)
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from resnet_flax.architecture import ModelSpec
+    from resnet_flax.data import DataConfig
+    from resnet_flax.optim import OptimConfig
+    from resnet_flax.train import RunInfo, TrainerConfig, train
+    run_dir, iterations, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    trainer = TrainerConfig(iterations=iterations, batch_size=batch, log_every=5,
+                            eval_every=10, checkpoint_every=10, progress=False)
+    summary = train(run_dir, ModelSpec(depth=8), DataConfig(name="digits"),
+                    OptimConfig(lr=0.05, boundaries=(30,)), trainer, RunInfo("t", 1))
+    print("SUMMARY" + json.dumps(summary))
+    """
+)
+
+
+def _worker(run_dir: Path, iterations: int, batch: int = 32, env: dict | None = None):
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(run_dir), str(iterations), str(batch)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.split("SUMMARY", 1)[1])
+
+
+def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _worker(whole, 40)
+    victim = _worker(killed, 40)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "20").exists():
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    expected = _finish(reference)
+    resumed = _finish(_worker(killed, 40))
+    assert resumed["iterations"] == 40
+    for key in ("train_loss", "train_error", "test_error", "test_loss"):
+        assert _curve(killed, key) == _curve(whole, key), key
+    assert resumed["final_train_error"] == expected["final_train_error"]
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    run = tmp_path / "run"
+    train(run, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+    newest = run / "checkpoints" / "20"
+    for f in newest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f.parent.name) + f.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    for f in (newest / "default").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"")
+    longer = TrainerConfig(**{**QUICK.__dict__, "iterations": 30})
+    with caplog.at_level("WARNING"):
+        summary = train(run, TINY, DIGITS, RECIPE, longer, RunInfo("t", 0))
+    assert "cannot be restored" in caplog.text
+    assert summary["status"] == "completed" and summary["iterations"] == 30
+    # resumed from 10, so the metrics from 10 on were produced again, each once
+    iterations = [m["iteration"] for m in read_metrics(run / "metrics.jsonl") if "lr" in m]
+    assert iterations == sorted(set(iterations)) == list(range(5, 31, 5))
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    one = _finish(_worker(tmp_path / "one", 10, batch=64))
+    eight = _finish(
+        _worker(
+            tmp_path / "eight",
+            10,
+            batch=64,
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        )
+    )
+    assert one["device_count"] == 1 and eight["device_count"] == 8
+    np.testing.assert_allclose(
+        _curve(tmp_path / "eight", "train_loss"), _curve(tmp_path / "one", "train_loss"), rtol=1e-4
+    )
+    np.testing.assert_allclose(eight["final_train_error"], one["final_train_error"], atol=2e-3)
+
+
+@pytest.mark.slow
+def test_residual_20_learns_digits_within_two_minutes(tmp_path):
+    start = time.perf_counter()
+    trainer = TrainerConfig(
+        iterations=150,
+        batch_size=128,
+        log_every=10,
+        eval_every=50,
+        checkpoint_every=150,
+        progress=False,
+    )
+    summary = train(
+        tmp_path,
+        ModelSpec(depth=20),
+        DIGITS,
+        OptimConfig(boundaries=(100, 130)),
+        trainer,
+        RunInfo("t", 0),
+    )
+    assert time.perf_counter() - start < 120
+    assert summary["final_train_error"] < 0.05
