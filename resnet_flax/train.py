@@ -103,7 +103,6 @@ def build_functions(
 ) -> Compiled:
     """Close the model, recipe and data layout into the two jitted functions."""
     batch_sharding = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
     steps_per_epoch = spec_data["steps_per_epoch"]
     n_train = spec_data["n_train"]
     batch = trainer.batch_size
@@ -180,7 +179,6 @@ def build_functions(
         )
         return loss_sum / n, wrong / n
 
-    del replicated
     return Compiled(train_chunk, evaluate)
 
 
@@ -229,6 +227,79 @@ def _initial_state(spec: ModelSpec, seed: int, tx) -> tuple[object, dict]:
     return graphdef, state
 
 
+@dataclass
+class Prepared:
+    """Everything a loop over chunks needs: the state, the compiled functions, device data."""
+
+    spec: ModelSpec
+    trainer: TrainerConfig
+    mesh: Mesh
+    graphdef: object
+    state: dict
+    fns: Compiled
+    on_device: dict
+    steps_per_epoch: int
+    param_count: int
+
+    @property
+    def train_data(self) -> tuple:
+        """The arguments of the train chunk besides the state."""
+        d = self.on_device
+        return d["x_train"], d["y_train"], d["mean"], d["std"]
+
+
+def prepare(
+    spec: ModelSpec,
+    data: Dataset,
+    data_cfg: DataConfig,
+    optim: OptimConfig,
+    trainer: TrainerConfig,
+    seed: int,
+) -> Prepared:
+    """Validate, build the initial state and the jitted functions, put the data on device."""
+    mesh = make_mesh()
+    check_trainer(trainer, mesh.size)
+    spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=data.image_shape[-1])
+    resolve(spec)
+    n_train = len(data.x_train)
+    if n_train < trainer.batch_size:
+        raise ConfigError(
+            f"the training split has {n_train} images, fewer than batch_size {trainer.batch_size}"
+        )
+    steps_per_epoch = n_train // trainer.batch_size
+    eval_batch = math.ceil(trainer.eval_batch_size / mesh.size) * mesh.size
+    trainer = dataclasses.replace(trainer, eval_batch_size=eval_batch)
+
+    schedule = make_schedule(optim, trainer.iterations)
+    tx = make_optimizer(optim)
+    graphdef, state = _initial_state(spec, seed, tx)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    param_count = count_params(nnx.merge(graphdef, state["params"], state["batch_stats"]))
+
+    mean, std = aug.normalization_stats(data.x_train, data_cfg.normalization)
+    arrays = {
+        "x_train": data.x_train,
+        "y_train": data.y_train,
+        "x_test": data.x_test,
+        "y_test": data.y_test,
+        "mean": mean,
+        "std": std,
+    }
+    if data.x_val is not None:
+        arrays.update(x_val=data.x_val, y_val=data.y_val)
+    on_device = {name: put_replicated(arr, mesh) for name, arr in arrays.items()}
+    layout = {
+        "steps_per_epoch": steps_per_epoch,
+        "n_train": n_train,
+        "crop_padding": data_cfg.crop_padding,
+        "flip": data_cfg.flip,
+    }
+    fns = build_functions(graphdef, layout, optim, schedule, tx, trainer, mesh, seed)
+    return Prepared(
+        spec, trainer, mesh, graphdef, state, fns, on_device, steps_per_epoch, param_count
+    )
+
+
 def train(
     run_dir: str | Path,
     spec: ModelSpec,
@@ -244,26 +315,11 @@ def train(
     status "diverged" (returned, not raised) so a sweep can go on with its other runs.
     """
     run_dir = Path(run_dir)
-    mesh = make_mesh()
-    check_trainer(trainer, mesh.size)
+    check_trainer(trainer, len(jax.devices()))
     data = dataset if dataset is not None else load_dataset(data_cfg)
-    spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=data.image_shape[-1])
-    resolve(spec)
-    n_train = len(data.x_train)
-    if n_train < trainer.batch_size:
-        raise ConfigError(
-            f"the training split has {n_train} images, fewer than batch_size {trainer.batch_size}"
-        )
-    steps_per_epoch = n_train // trainer.batch_size
-    eval_batch = math.ceil(trainer.eval_batch_size / mesh.size) * mesh.size
-    trainer = dataclasses.replace(trainer, eval_batch_size=eval_batch)
-
-    schedule = make_schedule(optim, trainer.iterations)
-    tx = make_optimizer(optim)
-    graphdef, state = _initial_state(spec, info.seed, tx)
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
-    param_count = count_params(nnx.merge(graphdef, state["params"], state["batch_stats"]))
+    prep = prepare(spec, data, data_cfg, optim, trainer, info.seed)
+    spec, trainer, mesh, fns = prep.spec, prep.trainer, prep.mesh, prep.fns
+    state, on_device, steps_per_epoch = prep.state, prep.on_device, prep.steps_per_epoch
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=trainer.keep_checkpoints)
     restored = checkpointer.restore_latest(abstract_like(state))
@@ -272,38 +328,8 @@ def train(
         start, state = restored
         log.info("resuming %s from iteration %d", run_dir, start)
     recorder = RunRecorder(run_dir, resume_from=start)
-
-    mean, std = aug.normalization_stats(data.x_train, data_cfg.normalization)
-    on_device = {
-        name: put_replicated(arr, mesh)
-        for name, arr in {
-            "x_train": data.x_train,
-            "y_train": data.y_train,
-            "x_test": data.x_test,
-            "y_test": data.y_test,
-            "mean": mean,
-            "std": std,
-        }.items()
-    }
-    if data.x_val is not None:
-        on_device["x_val"] = put_replicated(data.x_val, mesh)
-        on_device["y_val"] = put_replicated(data.y_val, mesh)
-    fns = build_functions(
-        graphdef,
-        {
-            "steps_per_epoch": steps_per_epoch,
-            "n_train": n_train,
-            "crop_padding": data_cfg.crop_padding,
-            "flip": data_cfg.flip,
-        },
-        optim,
-        schedule,
-        tx,
-        trainer,
-        mesh,
-        info.seed,
-    )
-    train_data = (on_device["x_train"], on_device["y_train"], on_device["mean"], on_device["std"])
+    train_data = prep.train_data
+    param_count = prep.param_count
 
     base_summary = {
         "experiment": info.experiment,
