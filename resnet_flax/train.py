@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -328,6 +329,7 @@ def train(
         start, state = restored
         log.info("resuming %s from iteration %d", run_dir, start)
     recorder = RunRecorder(run_dir, resume_from=start)
+    write_run_config(run_dir, spec, data_cfg, optim, trainer, info)
     train_data = prep.train_data
     param_count = prep.param_count
 
@@ -461,10 +463,27 @@ def train(
     return summary
 
 
+def write_run_config(
+    run_dir: Path,
+    spec: ModelSpec,
+    data_cfg: DataConfig,
+    optim: OptimConfig,
+    trainer: TrainerConfig,
+    info: RunInfo,
+) -> None:
+    """The library-level configuration, so analysis can rebuild the run without Hydra."""
+    config = {
+        "model": dataclasses.asdict(spec),
+        "data": dataclasses.asdict(data_cfg),
+        "optim": dataclasses.asdict(optim),
+        "trainer": dataclasses.asdict(trainer),
+        "info": dataclasses.asdict(info),
+    }
+    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _read_previous_summary(run_dir: Path) -> dict:
     """The summary of an earlier attempt at this run (for accumulated wall time)."""
-    import json
-
     try:
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):

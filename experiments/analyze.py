@@ -1,0 +1,43 @@
+"""Layer diagnostics of trained runs (Fig. 7 response std, gradient flow) into analysis.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from resnet_flax.runs import find_run_dirs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Analyse each run directory found under the given paths, then redraw nothing: see plot."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("paths", nargs="+", help="run directories or sweep directories")
+    p.add_argument("--grad-batch", type=int, default=256)
+    args = p.parse_args(argv)
+    from resnet_flax.layer_stats import AnalysisError, analyze_run
+
+    try:
+        runs = find_run_dirs([Path(x) for x in args.paths])
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("error: no run directories found under " + " ".join(args.paths), file=sys.stderr)
+        return 1
+    failures = 0
+    for run in runs:
+        try:
+            result = analyze_run(run, args.grad_batch)
+        except AnalysisError as err:
+            print(f"skip {run}: {err}", file=sys.stderr)
+            failures += 1
+            continue
+        layers, at = len(result["layers"]), result["iteration"]
+        print(f"{run}/analysis.json: {layers} layers at iteration {at}")
+    print("draw the figures with: python -m experiments.plot " + " ".join(args.paths))
+    return 1 if failures == len(runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Benchmark the training step: compile time, images/s, memory; optionally PyTorch eager."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+from resnet_flax.architecture import ModelSpec, SpecError, resolve
+from resnet_flax.records import git_commit, library_versions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's command line."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=["plain", "residual"])
+    p.add_argument("--depths", nargs="+", type=int, default=[20, 56, 110])
+    p.add_argument("--family", default="cifar", choices=["cifar", "imagenet"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
+    p.add_argument("--precisions", nargs="+", default=["float32"])
+    p.add_argument("--conv-impls", nargs="+", default=["auto"])
+    p.add_argument("--image-size", type=int, default=None, help="default: 32 or 224")
+    p.add_argument("--steps", type=int, default=10, help="steps per compiled chunk")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--torch", action="store_true", help="also time PyTorch eager (CPU)")
+    p.add_argument("--out", default=None, help="default: results/benchmarks/<device>/")
+    p.add_argument("--name", default=None, help="file stem; default: a timestamp")
+    return p.parse_args(argv)
+
+
+def device_label() -> str:
+    """A folder name for this device, e.g. 'cpu-2cores' or 'nvidia-h100-80gb-hbm3'."""
+    import os
+
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    if jax.default_backend() == "cpu":
+        kind = f"cpu-{os.cpu_count()}cores"
+    return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every requested case and write JSON and Markdown results."""
+    args = parse_args(argv)
+    size = args.image_size or (32 if args.family == "cifar" else 224)
+    cases = list(
+        itertools.product(
+            args.models, args.depths, args.batch_sizes, args.precisions, args.conv_impls
+        )
+    )
+    try:  # every choice is checked before anything compiles
+        for model, depth, *_ in cases:
+            resolve(ModelSpec(model=model, depth=depth, family=args.family))
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from resnet_flax.benchmark import BenchCase, markdown_table, run_case
+    from resnet_flax.torch_baseline import time_torch_step, torch_available
+
+    rows = []
+    for model, depth, batch, precision, impl in cases:
+        case = BenchCase(model, depth, args.family, batch, size, precision, impl)
+        row = {"framework": "jax", **run_case(case, args.steps, args.repeats)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.torch:
+        if not torch_available():
+            print("error: --torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
+            return 2
+        for model, depth in dict.fromkeys((m, d) for m, d, *_ in cases):
+            row = time_torch_step(ModelSpec(model=model, depth=depth), args.batch_sizes[0], size)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+    out = Path(args.out or Path("results") / "benchmarks" / device_label())
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or time.strftime("%Y%m%d-%H%M%S")
+    command = "python -m experiments.benchmark " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    meta = {
+        "command": command,
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "machine": platform.platform(),
+    }
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(
+        f"# Benchmark {stem}\n\nCommand: `{command}`  \nCommit: `{meta['git_commit']}`  \n"
+        f"Machine: {meta['machine']}\n\n{markdown_table(rows)}\n"
+    )
+    print(f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

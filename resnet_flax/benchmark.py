@@ -1,0 +1,154 @@
+"""Speed and memory of the real training step on synthetic data already on the device."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from resnet_flax.architecture import ModelSpec
+from resnet_flax.data import DataConfig, Dataset
+from resnet_flax.optim import OptimConfig
+from resnet_flax.train import TrainerConfig, prepare
+
+PAPER_ITERATIONS = 64_000
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One measured configuration."""
+
+    model: str = "residual"
+    depth: int = 20
+    family: str = "cifar"
+    batch_size: int = 128
+    image_size: int = 32
+    precision: str = "float32"
+    conv_impl: str = "auto"
+    remat: bool = False
+
+
+def synthetic_dataset(image_size: int, batch_size: int, batches: int = 4) -> Dataset:
+    """Random uint8 images and labels shaped like CIFAR (no download needed)."""
+    rng = np.random.default_rng(0)
+    n = batch_size * batches
+    x = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    return Dataset("synthetic", x, y, x.copy(), y.copy(), 10)
+
+
+def peak_memory_bytes() -> dict:
+    """Peak device memory where the backend reports it; the host's peak RSS always."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    """Wall times of repeated calls, each synchronised with the device."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_case(case: BenchCase, steps: int = 10, repeats: int = 3) -> dict:
+    """Compile time, steady-state training and evaluation images/s, memory, for one case."""
+    spec = ModelSpec(
+        model=case.model,
+        depth=case.depth,
+        family=case.family,
+        dtype=case.precision,
+        conv_impl=case.conv_impl,
+        remat=case.remat,
+        shortcut="A" if case.family == "cifar" else "B",
+    )
+    data = synthetic_dataset(case.image_size, case.batch_size)
+    data_cfg = DataConfig(name="synthetic", crop_padding=4, flip=True)
+    trainer = TrainerConfig(
+        iterations=PAPER_ITERATIONS,
+        batch_size=case.batch_size,
+        log_every=steps,
+        eval_every=steps,
+        checkpoint_every=steps,
+        eval_batch_size=case.batch_size,
+    )
+    prep = prepare(spec, data, data_cfg, OptimConfig(), trainer, seed=0)
+    t0 = time.perf_counter()
+    chunk = prep.fns.train_chunk.lower(prep.state, prep.train_data, steps).compile()
+    compile_s = time.perf_counter() - t0
+    state = prep.state
+
+    def train_once():
+        nonlocal state
+        state, metrics = chunk(state, prep.train_data)
+        return metrics
+
+    train_once()  # first call pays allocation and autotuning
+    train_times = _timed(train_once, repeats)
+    d = prep.on_device
+
+    def evaluate():
+        return prep.fns.evaluate(
+            state["params"], state["batch_stats"], d["x_test"], d["y_test"], d["mean"], d["std"]
+        )
+
+    evaluate()
+    eval_times = _timed(evaluate, repeats)
+    step_s = float(np.median(train_times)) / steps
+    return {
+        **dataclasses.asdict(case),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": len(jax.devices()),
+        "params": prep.param_count,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "train_images_per_sec": case.batch_size / step_s,
+        "eval_images_per_sec": len(data.x_test) / float(np.median(eval_times)),
+        "paper_run_estimate_min": PAPER_ITERATIONS * step_s / 60,
+        **peak_memory_bytes(),
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    cols = [
+        ("framework", "framework"),
+        ("model", "model"),
+        ("depth", "depth"),
+        ("batch_size", "batch"),
+        ("precision", "precision"),
+        ("conv_impl", "conv"),
+        ("compile_s", "compile s"),
+        ("step_s", "step s"),
+        ("train_images_per_sec", "train img/s"),
+        ("eval_images_per_sec", "eval img/s"),
+        ("paper_run_estimate_min", "64k-iter run, min"),
+        ("device_peak_bytes", "device peak MiB"),
+        ("host_peak_rss_bytes", "host peak RSS MiB"),
+    ]
+
+    def fmt(key, value):
+        if value is None:
+            return "-"
+        if key.endswith("_bytes"):
+            return f"{value / 2**20:,.0f}"
+        if isinstance(value, float):
+            return f"{value:,.3f}" if value < 10 else f"{value:,.0f}"
+        return str(value)
+
+    lines = [
+        "| " + " | ".join(h for _, h in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(k, row.get(k)) for k, _ in cols) + " |")
+    return "\n".join(lines)

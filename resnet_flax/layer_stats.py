@@ -1,0 +1,160 @@
+"""Per-layer diagnostics of a trained run: response std (Fig. 7) and gradient norms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resnet_flax import augment as aug
+from resnet_flax.architecture import ModelSpec
+from resnet_flax.checkpoints import Checkpointer, abstract_like
+from resnet_flax.data import DataConfig, load_dataset
+from resnet_flax.models import build_model, flatten_responses
+from resnet_flax.optim import OptimConfig, make_optimizer
+from resnet_flax.train import cross_entropy
+
+
+class AnalysisError(ValueError):
+    """A run directory that cannot be analysed; the message says why."""
+
+
+def load_run_config(run_dir: Path) -> dict:
+    """The library-level configuration that train() saved in the run directory."""
+    path = Path(run_dir) / "run_config.json"
+    if not path.exists():
+        raise AnalysisError(f"{run_dir} has no run_config.json: is it a training run directory?")
+    cfg = json.loads(path.read_text())
+    cfg["model"] = ModelSpec(**cfg["model"])
+    cfg["data"] = DataConfig(**cfg["data"])
+    cfg["optim"] = OptimConfig(**{**cfg["optim"], "boundaries": tuple(cfg["optim"]["boundaries"])})
+    return cfg
+
+
+def kernel_layers(params) -> list[tuple[str, jax.Array]]:
+    """Each branch conv's kernel (3x3 and others) in layer order, named like the responses."""
+    out = []
+    for s, stage in sorted(params["stages"].items()):
+        first, rest = stage["first"]["convs"], stage.get("rest")
+        for c, conv in sorted(first.items()):
+            out.append((f"stage{s + 1}/block0/conv{c + 1}", conv["conv"]["kernel"]))
+        if rest is not None:
+            convs = rest["convs"]
+            num = next(iter(convs.values()))["conv"]["kernel"].shape[0]
+            for b in range(num):
+                for c, conv in sorted(convs.items()):
+                    out.append(
+                        (f"stage{s + 1}/block{b + 1}/conv{c + 1}", conv["conv"]["kernel"][b])
+                    )
+    return out
+
+
+def gradient_norms(graphdef, params, batch_stats, x: jax.Array, y: jax.Array) -> dict[str, float]:
+    """L2 norm of the loss gradient for each branch conv kernel on one batch (training mode)."""
+
+    @jax.jit
+    def grads(params):
+        def loss(p):
+            model = nnx.merge(graphdef, p, batch_stats, copy=True)
+            return cross_entropy(model(x, train=True), y)
+
+        return jax.grad(loss)(params)
+
+    g = grads(params)
+    return {name: float(jnp.linalg.norm(k)) for name, k in kernel_layers(g)}
+
+
+def response_std(
+    graphdef, params, batch_stats, x_all: np.ndarray, mean, std, batch: int = 500
+) -> dict[str, float]:
+    """Std of each branch conv's response (after BN, before addition/ReLU) over a dataset.
+
+    The std is taken per channel over examples and positions, then averaged over channels.
+    """
+
+    @jax.jit
+    def moments(x):
+        model = nnx.merge(graphdef, params, batch_stats, copy=True)
+        _, responses = model(aug.normalize(x, mean, std), train=False, capture=True)
+        return {
+            name: (
+                jnp.sum(r.astype(jnp.float32), axis=(0, 1, 2)),
+                jnp.sum(jnp.square(r.astype(jnp.float32)), axis=(0, 1, 2)),
+                r.shape[0] * r.shape[1] * r.shape[2],
+            )
+            for name, r in flatten_responses(responses)
+        }
+
+    totals = None
+    for start in range(0, len(x_all), batch):
+        m = jax.device_get(moments(jnp.asarray(x_all[start : start + batch])))
+        totals = (
+            m
+            if totals is None
+            else {k: tuple(a + b for a, b in zip(totals[k], m[k], strict=True)) for k in m}
+        )
+    out = {}
+    for name, (s1, s2, n) in totals.items():
+        var = np.maximum(s2 / n - np.square(s1 / n), 0.0)
+        out[name] = float(np.mean(np.sqrt(var)))
+    return out
+
+
+def analyze_run(run_dir: str | Path, grad_batch: int = 256) -> dict:
+    """Test-set response std and gradient norms at init and at the end, into analysis.json."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    spec: ModelSpec = cfg["model"]
+    seed = cfg["info"]["seed"]
+    data = load_dataset(cfg["data"])
+    mean, std = aug.normalization_stats(data.x_train, cfg["data"].normalization)
+
+    model = build_model(spec, seed=seed)  # the initial parameters are a function of the seed
+    graphdef, init_params, init_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = make_optimizer(cfg["optim"])
+    template = {
+        "params": init_params,
+        "batch_stats": init_stats,
+        "opt_state": tx.init(init_params),
+        "step": jnp.int32(0),
+        "warm_done": jnp.bool_(False),
+    }
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    restored = checkpointer.restore_latest(abstract_like(template))
+    checkpointer.close()
+    if restored is None:
+        raise AnalysisError(f"{run_dir} has no checkpoint that restores; train it first")
+    step, state = restored
+
+    x = aug.normalize(jnp.asarray(data.x_train[:grad_batch]), mean, std)
+    y = jnp.asarray(data.y_train[:grad_batch])
+    g_init = gradient_norms(graphdef, init_params, init_stats, x, y)
+    g_final = gradient_norms(graphdef, state["params"], state["batch_stats"], x, y)
+    stds = response_std(graphdef, state["params"], state["batch_stats"], data.x_test, mean, std)
+    kernels = dict(kernel_layers(state["params"]))
+    layers = [
+        {
+            "name": name,
+            "index": i,
+            "kernel": int(kernels[name].shape[0]),
+            "response_std": stds[name],
+            "grad_norm_init": g_init[name],
+            "grad_norm_final": g_final[name],
+        }
+        for i, name in enumerate(n for n in stds if kernels[n].shape[0] == 3)
+    ]
+    result = {
+        "model": spec.model,
+        "depth": spec.depth,
+        "shortcut": spec.shortcut,
+        "seed": seed,
+        "iteration": int(step),
+        "grad_batch": grad_batch,
+        "layers": layers,
+    }
+    (run_dir / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

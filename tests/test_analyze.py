@@ -1,0 +1,55 @@
+"""Layer diagnostics: analysis.json from a real (tiny) run, and its figures."""
+
+import json
+
+import pytest
+
+from resnet_flax.architecture import ModelSpec
+from resnet_flax.data import DataConfig
+from resnet_flax.layer_stats import AnalysisError, analyze_run
+from resnet_flax.optim import OptimConfig
+from resnet_flax.train import RunInfo, TrainerConfig, train
+
+
+def test_analysis_of_a_trained_run(tmp_path):
+    trainer = TrainerConfig(
+        iterations=10,
+        batch_size=32,
+        log_every=5,
+        eval_every=10,
+        checkpoint_every=10,
+        progress=False,
+    )
+    run = tmp_path / "model=residual,depth=8,seed=0"
+    train(
+        run,
+        ModelSpec(depth=8),
+        DataConfig(name="digits"),
+        OptimConfig(lr=0.05),
+        trainer,
+        RunInfo("t", 0),
+    )
+    result = analyze_run(run, grad_batch=64)
+    saved = json.loads((run / "analysis.json").read_text())
+    assert saved == result
+    names = [layer["name"] for layer in saved["layers"]]
+    assert names == [f"stage{s}/block0/conv{c}" for s in (1, 2, 3) for c in (1, 2)]
+    for layer in saved["layers"]:
+        assert layer["response_std"] > 0
+        assert layer["grad_norm_init"] > 0 and layer["grad_norm_final"] > 0
+    # the gradient at init is recomputed from the seed, so it differs from the final one
+    assert any(
+        abs(layer["grad_norm_init"] - layer["grad_norm_final"]) > 1e-6 for layer in saved["layers"]
+    )
+
+    from experiments.plot import main as plot_main
+
+    assert plot_main([str(tmp_path)]) == 0
+    figures = tmp_path / "figures"
+    for stem in ("layer_response_std", "gradient_flow"):
+        assert any(p.stat().st_size > 0 for p in figures.glob(f"*{stem}*.png")), stem
+
+
+def test_analysis_needs_a_run_directory(tmp_path):
+    with pytest.raises(AnalysisError, match="no run_config.json"):
+        analyze_run(tmp_path)
