@@ -1,0 +1,24 @@
+"""The benchmark command at a tiny size: it measures and writes JSON and Markdown."""
+
+import json
+
+from experiments.benchmark import main
+
+
+def test_tiny_benchmark_writes_results(tmp_path):
+    args = ["--models", "plain", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
+    args += ["--steps", "2", "--repeats", "1", "--out", str(tmp_path), "--name", "tiny"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    assert result["command"].startswith("python -m experiments.benchmark")
+    (row,) = result["rows"]
+    assert row["model"] == "plain" and row["depth"] == 8 and row["params"] > 0
+    assert row["compile_s"] > 0 and row["train_images_per_sec"] > 0
+    assert row["eval_images_per_sec"] > 0 and row["host_peak_rss_bytes"] > 0
+    table = (tmp_path / "tiny.md").read_text()
+    assert "| jax | plain | 8 | 8 | float32 |" in table
+
+
+def test_benchmark_rejects_bad_depth_before_compiling(tmp_path, capsys):
+    assert main(["--depths", "57", "--out", str(tmp_path)]) == 2
+    assert "6n+2" in capsys.readouterr().err
