@@ -1,0 +1,153 @@
+"""Turn the Hydra config of experiments.train into the library's dataclasses, and job plumbing."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from resnet_flax.architecture import ModelSpec, resolve
+from resnet_flax.data import DataConfig
+from resnet_flax.optim import SCHEDULES, OptimConfig
+from resnet_flax.train import ConfigError, RunInfo, TrainerConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Files that only Hydra writes before the job starts; a directory holding nothing else is no run.
+HYDRA_ONLY = (".hydra", "train.log")
+
+# The GPU lock this process holds for its lifetime (multi_gpu launcher); the OS frees it on exit.
+_gpu_lock: tuple[int, int] | None = None
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, counted without initialising JAX (at least 1)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1
+    return max(1, sum(line.startswith("GPU ") for line in out.splitlines()))
+
+
+def register_resolvers() -> None:
+    """Resolvers the config tree uses (idempotent); must run before Hydra composes."""
+    if not OmegaConf.has_resolver("visible_gpu_count"):
+        OmegaConf.register_new_resolver("visible_gpu_count", visible_gpu_count)
+
+
+register_resolvers()
+
+
+def _container(node: DictConfig) -> dict:
+    """A resolved plain dict of one config node."""
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def to_library(
+    cfg: DictConfig,
+) -> tuple[ModelSpec, DataConfig, OptimConfig, TrainerConfig, RunInfo]:
+    """Map a composed config onto (ModelSpec, DataConfig, OptimConfig, TrainerConfig, RunInfo).
+
+    The spec is validated with resolve() here, so an impossible model fails (SpecError) before
+    any data is loaded or anything compiles; an unknown schedule raises ConfigError.
+    """
+    spec = ModelSpec(
+        model=cfg.model,
+        depth=cfg.depth,
+        family=cfg.family,
+        # YAML reads a bare A/B/C as a string, but be safe with odd overrides.
+        shortcut=str(cfg.shortcut),
+        block=cfg.block,
+        zero_init_residual=bool(cfg.zero_init_residual),
+        remat=bool(cfg.remat),
+        dtype=cfg.precision,
+        conv_impl=cfg.conv_impl,
+    )
+    resolve(spec)
+    data_cfg = DataConfig(**_container(cfg.dataset))
+    optim_fields = _container(cfg.optim)
+    optim_fields["boundaries"] = tuple(int(b) for b in optim_fields.get("boundaries") or ())
+    optim = OptimConfig(**optim_fields)
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {optim.schedule!r}"
+        )
+    trainer = TrainerConfig(**_container(cfg.trainer))
+    info = RunInfo(experiment=str(cfg.experiment_name), seed=int(cfg.seed))
+    return spec, data_cfg, optim, trainer, info
+
+
+def compilation_cache_dir(cfg: DictConfig) -> str | None:
+    """The persistent compilation cache directory (relative paths from the repo root)."""
+    path = cfg.get("compilation_cache_dir")
+    if not path:
+        return None
+    path = Path(str(path)).expanduser()
+    return str(path if path.is_absolute() else REPO_ROOT / path)
+
+
+def pin_gpu(job_num: int, lock_dir: Path) -> int | None:
+    """Make this process see one GPU: prefer job_num % GPUs, skip GPUs other workers hold.
+
+    Must run before JAX initialises its backend. A worker process that already holds a GPU
+    (joblib reuses workers) keeps it. Returns the physical GPU index, or None without GPUs.
+    """
+    global _gpu_lock
+    if _gpu_lock is not None:
+        return _gpu_lock[0]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    count = len(ids) if ids else visible_gpu_count()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        index = (job_num + k) % count
+        fd = os.open(lock_dir / f"gpu{index}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _gpu_lock = (index, fd)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if ids else str(index)
+        return index
+    # More workers than GPUs (n_jobs raised by hand): share, as job_num % count says.
+    index = job_num % count
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if ids else str(index)
+    return index
+
+
+def completed_summary(run_dir: Path, trainer: TrainerConfig) -> dict | None:
+    """The summary of a run that already finished all its iterations (resumed sweeps skip it)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = summary.get("status") == "completed"
+    if done and int(summary.get("iterations") or 0) >= trainer.iterations:
+        return summary
+    return None
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Delete a run directory that holds only what Hydra wrote (a job rejected before training)."""
+    if not run_dir.is_dir():
+        return
+    if any(p.name not in HYDRA_ONLY for p in run_dir.iterdir()):
+        return
+    for name in HYDRA_ONLY:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    run_dir.rmdir()

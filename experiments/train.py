@@ -1,0 +1,72 @@
+"""Train one run, or a sweep with -m: ``python -m experiments.train [-m] key=value ...``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+# Importing the library imports JAX but does not start its backend; that first happens in
+# jax.devices() below, after pin_gpu has set CUDA_VISIBLE_DEVICES for this worker.
+from experiments.config import (
+    compilation_cache_dir,
+    completed_summary,
+    pin_gpu,
+    remove_if_empty,
+    to_library,
+)
+from resnet_flax.architecture import SpecError
+from resnet_flax.data import DataError, load_dataset
+from resnet_flax.train import (
+    ConfigError,
+    check_trainer,
+    enable_compilation_cache,
+    maybe_initialize_distributed,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> dict | None:
+    """Validate the config, load the data, train (or resume) into Hydra's output dir."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN and hc.runtime.choices.get("hydra/launcher") == "multi_gpu":
+        pin_gpu(hc.job.num, Path(hc.sweep.dir) / ".gpu_locks")
+    try:
+        spec, data_cfg, optim, trainer, info = to_library(cfg)
+        finished = completed_summary(run_dir, trainer)
+        if finished is not None:
+            log.info("%s already completed %d iterations; skipping", run_dir, trainer.iterations)
+            return finished
+        enable_compilation_cache(compilation_cache_dir(cfg))
+        maybe_initialize_distributed()
+        import jax  # only after pin_gpu (see the imports above)
+
+        check_trainer(trainer, jax.device_count())
+        dataset = load_dataset(data_cfg)
+        summary = train(run_dir, spec, data_cfg, optim, trainer, info, dataset=dataset)
+    except (SpecError, DataError, ConfigError) as err:
+        # One clear line instead of a traceback; nothing has compiled yet.
+        print(f"error: {err}", file=sys.stderr)
+        remove_if_empty(run_dir)
+        sys.exit(2)
+    log.info(
+        "%s: %s, final training error %s, test error %s",
+        run_dir,
+        summary["status"],
+        summary.get("final_train_error"),
+        summary.get("final_test_error"),
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""The Hydra config tree: presets compose, match the papers' recipes and map onto the library."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from experiments import config as exp_config
+from experiments.config import completed_summary, pin_gpu, remove_if_empty, to_library
+from resnet_flax.architecture import ModelSpec, SpecError, resolve
+from resnet_flax.data import DataConfig
+from resnet_flax.optim import OptimConfig
+from resnet_flax.train import ConfigError, RunInfo, TrainerConfig
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+CIFAR_PRESETS = [p for p in PRESETS if p.startswith(("he2015", "shortcut", "preact"))]
+CIFAR10_TRAIN_SIZE = 50_000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context():
+    """One Hydra initialisation for the module (composing is then cheap)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="train"):
+        yield
+
+
+def make_cfg(*overrides: str, hydra_cfg: bool = False):
+    """Compose conf/config.yaml with overrides (and the hydra node when asked)."""
+    return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def sweep_jobs(cfg) -> list[list[str]]:
+    """The override lists that the basic sweeper makes from a preset's hydra.sweeper.params."""
+    params = cfg.hydra.sweeper.params or {}
+    axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def assert_paper_recipe(cfg) -> None:
+    """He et al. 2015's CIFAR-10 recipe (sec. 4.2)."""
+    assert cfg.optim.lr == 0.1
+    assert cfg.optim.momentum == 0.9
+    assert cfg.optim.weight_decay == 1e-4
+    assert cfg.optim.schedule == "multistep"
+    assert list(cfg.optim.boundaries) == [32_000, 48_000]
+    assert cfg.optim.decay_factor == 0.1
+    assert cfg.trainer.batch_size == 128
+    assert cfg.trainer.iterations == 64_000
+    assert cfg.dataset.name == "cifar10"
+    assert cfg.dataset.crop_padding == 4 and cfg.dataset.flip is True
+
+
+def test_defaults_are_the_paper_recipe_and_the_library_defaults():
+    cfg = make_cfg()
+    assert_paper_recipe(cfg)
+    assert (cfg.model, cfg.depth, cfg.shortcut, cfg.family) == ("residual", 20, "A", "cifar")
+    spec, data_cfg, optim, trainer, info = to_library(cfg)
+    assert spec == ModelSpec()
+    assert data_cfg == DataConfig()
+    assert optim == OptimConfig()
+    assert (trainer.iterations, trainer.batch_size) == (64_000, 128)
+    assert trainer.eval_every % trainer.log_every == 0
+    assert info == RunInfo(experiment="default", seed=0)
+
+
+def test_to_library_maps_every_override():
+    cfg = make_cfg(
+        "model=preact",
+        "depth=164",
+        "shortcut=B",
+        "block=bottleneck",
+        "precision=bfloat16",
+        "remat=true",
+        "zero_init_residual=true",
+        "conv_impl=xla",
+        "seed=3",
+        "dataset=svhn_cropped",
+        "dataset.validation_size=1000",
+        "optim=cosine",
+        "trainer.iterations=10",
+        "experiment_name=x",
+    )
+    spec, data_cfg, optim, trainer, info = to_library(cfg)
+    assert spec == ModelSpec(
+        model="preact",
+        depth=164,
+        shortcut="B",
+        block="bottleneck",
+        dtype="bfloat16",
+        remat=True,
+        zero_init_residual=True,
+        conv_impl="xla",
+    )
+    assert data_cfg == DataConfig(name="svhn_cropped", validation_size=1000, flip=False)
+    assert optim.schedule == "cosine" and optim.boundaries == () and optim.lr == 0.1
+    assert trainer == TrainerConfig(iterations=10, eval_every=1000)
+    assert info == RunInfo(experiment="x", seed=3)
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (["depth=57"], SpecError),
+        (["block=bottleneck", "depth=32"], SpecError),
+        (["family=imagenet", "depth=20"], SpecError),
+        (["model=dense"], SpecError),
+        (["shortcut=D"], SpecError),
+        (["precision=float16"], SpecError),
+        (["optim.schedule=linear"], ConfigError),
+    ],
+)
+def test_to_library_rejects_impossible_combinations(overrides, error):
+    with pytest.raises(error) as info:
+        to_library(make_cfg(*overrides))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "dataset,crop,flip",
+    [
+        ("cifar10", 4, True),
+        ("cifar100", 4, True),
+        ("svhn_cropped", 4, False),
+        ("mnist", 0, False),
+        ("fashion_mnist", 0, False),
+        ("digits", 0, False),
+        ("npz", 0, False),
+    ],
+)
+def test_dataset_group_maps_onto_data_config(dataset, crop, flip):
+    data_cfg = to_library(make_cfg(f"dataset={dataset}"))[1]
+    assert data_cfg.name == dataset
+    assert (data_cfg.crop_padding, data_cfg.flip, data_cfg.download) == (crop, flip, False)
+    assert data_cfg.normalization == "pixel_mean"
+
+
+def test_every_group_option_exists():
+    assert {p.stem for p in (CONF / "optim").glob("*.yaml")} >= {"sgd_paper", "cosine"}
+    assert {p.stem for p in (CONF / "trainer").glob("*.yaml")} >= {"paper"}
+    assert set(PRESETS) >= {
+        "digits_degradation",
+        "he2015_fig1",
+        "he2015_fig6",
+        "he2015_table6",
+        "shortcut_options",
+        "preact_identity",
+    }
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_documents_its_command_and_every_job_is_valid(preset):
+    text = (CONF / "experiment" / f"{preset}.yaml").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# @package _global_"
+    assert lines[1].startswith(f"# python -m experiments.train -m experiment={preset}")
+    cfg = make_cfg(f"experiment={preset}", hydra_cfg=True)
+    assert cfg.experiment_name == preset
+    jobs = sweep_jobs(cfg)
+    assert len(jobs) >= 2, "each preset defines its sweep in hydra.sweeper.params"
+    for job in jobs:
+        spec = to_library(make_cfg(f"experiment={preset}", *job))[0]
+        resolve(spec)
+
+
+@pytest.mark.parametrize("preset", CIFAR_PRESETS)
+def test_cifar_presets_use_the_paper_recipe(preset):
+    cfg = make_cfg(f"experiment={preset}")
+    assert_paper_recipe(cfg)
+
+
+def test_fig1_and_fig6_sweep_the_papers_nets():
+    fig1 = make_cfg("experiment=he2015_fig1", hydra_cfg=True)
+    assert sweep_jobs(fig1) == [["model=plain", "depth=20"], ["model=plain", "depth=56"]]
+    fig6 = make_cfg("experiment=he2015_fig6", hydra_cfg=True)
+    nets = {tuple(job) for job in sweep_jobs(fig6)}
+    assert nets == {
+        (f"model={m}", f"depth={d}") for m in ("plain", "residual") for d in (20, 32, 44, 56)
+    }
+    assert fig6.shortcut == "A" and fig6.optim.warmup_lr is None
+
+
+def test_fig6_validation_split_is_45k_5k():
+    data_cfg = to_library(make_cfg("experiment=he2015_fig6", "dataset.validation_size=5000"))[1]
+    assert data_cfg.validation_size == 5_000
+    assert CIFAR10_TRAIN_SIZE - data_cfg.validation_size == 45_000
+
+
+def test_resnet110_commands_use_the_warmup():
+    # The second command documented in he2015_table6 / he2015_fig6.
+    for preset in ("he2015_table6", "he2015_fig6"):
+        cfg = make_cfg(f"experiment={preset}", "depth=110", "optim=sgd_paper_warmup")
+        assert_paper_recipe(cfg)
+        optim = to_library(cfg)[2]
+        assert (optim.warmup_lr, optim.warmup_until_error) == (0.01, 0.8)
+        assert optim.lr == 0.1 and optim.boundaries == (32_000, 48_000)
+    table6 = make_cfg("experiment=he2015_table6", hydra_cfg=True)
+    depths = {job[1] for job in sweep_jobs(table6)}
+    assert depths == {f"depth={d}" for d in (20, 32, 44, 56, 1202)}
+    assert "depth=110 seed=0,1,2,3,4" in (CONF / "experiment" / "he2015_table6.yaml").read_text()
+
+
+def test_preact_identity_is_he2016():
+    cfg = make_cfg("experiment=preact_identity", hydra_cfg=True)
+    assert {tuple(j) for j in sweep_jobs(cfg)} == {
+        (f"model={m}", f"depth={d}") for m in ("residual", "preact") for d in (164, 1001)
+    }
+    assert cfg.shortcut == "B" and cfg.optim.warmup_lr == 0.01
+    for depth in (164, 1001):
+        assert (
+            resolve(to_library(make_cfg("experiment=preact_identity", f"depth={depth}"))[0]).block
+            == "bottleneck"
+        )
+    spec = to_library(make_cfg("experiment=preact_identity", "depth=110", "shortcut=A"))[0]
+    assert resolve(spec).block == "basic"
+
+
+def test_shortcut_options_sweeps_a_b_c():
+    cfg = make_cfg("experiment=shortcut_options", hydra_cfg=True)
+    shortcuts = {job[0] for job in sweep_jobs(cfg)}
+    assert shortcuts == {"shortcut=A", "shortcut=B", "shortcut=C"}
+
+
+def test_digits_demo_is_small_and_deep_enough():
+    cfg = make_cfg("experiment=digits_degradation", hydra_cfg=True)
+    jobs = sweep_jobs(cfg)
+    depths = {int(job[1].split("=")[1]) for job in jobs}
+    assert min(depths) == 8 and max(depths) >= 56
+    assert {job[0] for job in jobs} == {"model=plain", "model=residual"}
+    assert cfg.dataset.name == "digits"
+    trainer = to_library(cfg)[3]
+    assert trainer.iterations <= 200 and trainer.eval_every % trainer.log_every == 0
+    assert all(b < trainer.iterations for b in cfg.optim.boundaries)
+
+
+def test_run_and_sweep_directories():
+    cfg = make_cfg("experiment=he2015_fig1", hydra_cfg=True)
+    assert cfg.hydra.run.dir.startswith("results/runs/he2015_fig1/")
+    assert cfg.hydra.sweep.dir.startswith("results/sweeps/he2015_fig1/")
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert {"experiment", "trainer.progress", "compilation_cache_dir"} <= excluded
+
+
+def test_launchers_compose(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    multi = make_cfg("hydra/launcher=multi_gpu", hydra_cfg=True).hydra.launcher
+    assert "JoblibLauncher" in multi._target_ and multi.backend == "loky"
+    assert multi.n_jobs == 3
+    slurm = make_cfg(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=30",
+        "hydra.launcher.gpus_per_node=2",
+        hydra_cfg=True,
+    ).hydra.launcher
+    assert "SlurmLauncher" in slurm._target_
+    assert (slurm.partition, slurm.timeout_min, slurm.gpus_per_node) == ("gpu", 30, 2)
+    assert slurm.max_num_timeout > 0, "preempted jobs must be requeued"
+    local = make_cfg("hydra/launcher=submitit_local", hydra_cfg=True).hydra.launcher
+    assert "LocalLauncher" in local._target_
+
+
+def test_compilation_cache_dir_is_a_config_key(monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    default = exp_config.compilation_cache_dir(make_cfg())
+    assert default == str(exp_config.REPO_ROOT / ".jax_cache")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/somewhere")
+    assert exp_config.compilation_cache_dir(make_cfg()) == "/tmp/somewhere"
+    assert exp_config.compilation_cache_dir(make_cfg("compilation_cache_dir=null")) is None
+
+
+def test_pin_gpu_gives_each_worker_its_own_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.setattr(exp_config, "_gpu_lock", None)
+    assert pin_gpu(2, tmp_path) == 0  # job 2 of 2 GPUs -> GPU index 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert pin_gpu(7, tmp_path) == 0, "a worker keeps its GPU for later jobs"
+    first_fd = exp_config._gpu_lock[1]
+    # Another worker (a second lock holder) asking for the same GPU gets the free one.
+    monkeypatch.setattr(exp_config, "_gpu_lock", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert pin_gpu(0, tmp_path) == 1
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    os.close(exp_config._gpu_lock[1])
+    os.close(first_fd)
+
+
+def test_completed_summary_and_cleanup(tmp_path):
+    trainer = TrainerConfig(iterations=10)
+    assert completed_summary(tmp_path, trainer) is None
+    (tmp_path / "summary.json").write_text('{"status": "completed", "iterations": 10}')
+    assert completed_summary(tmp_path, trainer)["iterations"] == 10
+    (tmp_path / "summary.json").write_text('{"status": "running", "iterations": 10}')
+    assert completed_summary(tmp_path, trainer) is None
+
+    rejected = tmp_path / "job"
+    (rejected / ".hydra").mkdir(parents=True)
+    (rejected / "train.log").write_text("")
+    remove_if_empty(rejected)
+    assert not rejected.exists()
+    remove_if_empty(tmp_path)  # holds summary.json: a real run, kept
+    assert (tmp_path / "summary.json").exists()

@@ -1,0 +1,180 @@
+"""The real entry point in subprocesses: one-line config errors, smoke sweeps, resume, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+# A few iterations of depth-8 and depth-14 nets on the bundled digits: seconds per job.
+TINY = [
+    "dataset=digits",
+    "trainer.iterations=4",
+    "trainer.log_every=2",
+    "trainer.eval_every=2",
+    "trainer.checkpoint_every=4",
+    "trainer.progress=false",
+]
+SMOKE_SWEEP = ["model=plain,residual", "depth=8,14", *TINY]
+SMOKE_DIRS = {f"depth={d},model={m}" for m in ("plain", "residual") for d in (8, 14)}
+
+
+def run_train(*args: str, timeout: float = 120, env: dict | None = None):
+    """Run ``python -m experiments.train`` from the repo root; return the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines our entry point prints for a rejected configuration."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["depth=57"], "CIFAR depth must be 6n+2"),
+        pytest.param(
+            ["block=bottleneck", "depth=32"], "9n+2", marks=pytest.mark.slow, id="bottleneck"
+        ),
+        pytest.param(["model=dense"], "model must be one of", marks=pytest.mark.slow, id="model"),
+        pytest.param(
+            ["dataset=npz"], "dataset=npz needs dataset.path", marks=pytest.mark.slow, id="npz"
+        ),
+    ],
+)
+def test_impossible_combination_fails_with_one_line_before_compiling(tmp_path, overrides, message):
+    start = time.perf_counter()
+    proc = run_train(*overrides, f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 45, f"took {elapsed:.0f} s: something compiled or trained"
+    assert not (tmp_path / "run").exists(), "a rejected run leaves no run directory"
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_devices_fails_with_one_line(tmp_path):
+    proc = run_train(
+        "dataset=digits",
+        "trainer.batch_size=100",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"},
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "divisible by the 8 devices" in lines[0], proc.stderr
+
+
+def test_unknown_key_and_group_option_fail_with_hydras_message(tmp_path):
+    proc = run_train("no_such_key=1", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert proc.returncode != 0
+    assert "Could not override 'no_such_key'" in proc.stderr
+    proc = run_train("dataset=imagenet21k", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert proc.returncode != 0
+    assert "Could not find 'dataset/imagenet21k'" in proc.stderr
+
+
+def check_sweep(sweep_dir: Path) -> None:
+    """One complete run directory per job, named by its overrides, and multirun.yaml."""
+    assert (sweep_dir / "multirun.yaml").is_file()
+    jobs = {p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert jobs == SMOKE_DIRS
+    for name in jobs:
+        run_dir = sweep_dir / name
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed", summary
+        assert summary["iterations"] == 4 and summary["dataset"] == "digits"
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert any("train_error" in x for x in lines) and any("test_error" in x for x in lines)
+        config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        fields = dict(part.split("=") for part in name.split(","))
+        assert config["model"] == summary["model"] == fields["model"]
+        assert config["depth"] == summary["depth"] == int(fields["depth"])
+
+
+@pytest.mark.slow
+def test_smoke_sweep_basic_launcher_and_resume(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train("-m", *SMOKE_SWEEP, f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sweep(sweep_dir)
+    before = {p: (p / "metrics.jsonl").read_text() for p in sweep_dir.iterdir() if p.is_dir()}
+    # Rerunning the same command on the same sweep dir resumes: finished runs are skipped.
+    proc = run_train("-m", *SMOKE_SWEEP, f"hydra.sweep.dir={sweep_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("already completed") == 4, proc.stderr[-3000:]
+    assert before == {p: (p / "metrics.jsonl").read_text() for p in before}
+    check_sweep(sweep_dir)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_submitit_local(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        "hydra/launcher=submitit_local",
+        *SMOKE_SWEEP,
+        f"hydra.sweep.dir={sweep_dir}",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sweep(sweep_dir)
+
+
+@pytest.mark.slow
+def test_single_run_and_resume_into_the_same_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["model=residual", "depth=8", *TINY, "experiment_name=smoke"]
+    proc = run_train(*args, f"hydra.run.dir={run_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["experiment"] == "smoke"
+    # Asking the same run dir for more iterations continues from the checkpoint at 4.
+    more = [a.replace("iterations=4", "iterations=8") for a in args]
+    proc = run_train(*more, f"hydra.run.dir={run_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_its = [x["iteration"] for x in lines if "train_error" in x]
+    assert train_its == [2, 4, 6, 8]
+    assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 8
+
+
+@pytest.mark.slow
+def test_demo_runs_the_sweep_and_plots(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.demo",
+            "--sweep-dir",
+            str(tmp_path / "demo"),
+            "depth=8,14",
+            *TINY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report.md" in proc.stdout and "total wall time" in proc.stdout
+    assert (tmp_path / "demo" / "report.md").is_file()
+    assert any((tmp_path / "demo" / "figures").glob("*.png"))
+    assert proc.stdout.count("completed") >= 4
