@@ -1,0 +1,177 @@
+"""Micro-benchmark of the convolution passes: XLA's autodiff vs resnet_flax.conv's fast VJP.
+
+For each layer shape it times, under jit on the CPU, the forward pass, the kernel
+gradient (dW) and the input gradient (dX) of `lax.conv_general_dilated` ("xla") and of
+`resnet_flax.conv.conv_general_dilated` ("fast"), plus (with --all) the matrix-product
+alternatives that were tried for dW and the forward pass. The convolution input is
+produced inside the jitted function by a BatchNorm/ReLU/residual-like elementwise chain,
+as in a real network: that is what makes XLA's own kernel gradient slow (it fuses the
+chain into a strided NHWC->CHWN transpose).
+
+Run: .venv/bin/python tools/bench_conv.py [--all] [--reps 7]
+Times are the minimum over --reps runs (the machine is shared; the minimum is the least
+disturbed), in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from resnet_flax import conv as fastconv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+# (name, batch, height=width, Cin, Cout, kernel, stride, padding)
+SHAPES = [
+    ("3x3 s1 32x32 16->16", 128, 32, 16, 16, 3, 1, 1),
+    ("3x3 s1 16x16 32->32", 128, 16, 32, 32, 3, 1, 1),
+    ("3x3 s1 8x8 64->64", 128, 8, 64, 64, 3, 1, 1),
+    ("3x3 s2 32x32 16->32", 128, 32, 16, 32, 3, 2, 1),
+    ("1x1 s2 32x32 16->32", 128, 32, 16, 32, 1, 2, 0),
+    ("7x7 s2 112x112 3->64", 16, 112, 3, 64, 7, 2, 3),
+]
+
+
+def _timeit(fn: Callable, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _producer(z: jax.Array, s: jax.Array, b: jax.Array) -> jax.Array:
+    """A residual-stream-like elementwise chain (what feeds a conv in a ResNet)."""
+    h = z
+    for _ in range(3):
+        h = jax.nn.relu(h * s + b + h)
+    return h
+
+
+def _dw_im2col(x, dy, k, stride, pad):
+    """Kernel gradient as ONE matmul: patches (N*Ho*Wo, k*k*Cin)^T @ dy (N*Ho*Wo, Cout)."""
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = dy.shape[1:3]
+    cols = [
+        xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+        for i in range(k)
+        for j in range(k)
+    ]
+    p = jnp.concatenate(cols, -1).reshape(-1, k * k * x.shape[-1])
+    g = lax.dot_general(p, dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())))
+    return g.reshape(k, k, x.shape[-1], dy.shape[-1])
+
+
+def _dw_shifted(x, dy, k, stride, pad):
+    """Kernel gradient as k*k shifted matmuls (N*Ho*Wo, Cin)^T @ (N*Ho*Wo, Cout)."""
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = dy.shape[1:3]
+    d = dy.reshape(-1, dy.shape[-1])
+    out = [
+        lax.dot_general(
+            xp[
+                :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride
+            ].reshape(-1, x.shape[-1]),
+            d,
+            (((0,), (0,)), ((), ())),
+        )
+        for i in range(k)
+        for j in range(k)
+    ]
+    return jnp.stack(out).reshape(k, k, x.shape[-1], dy.shape[-1])
+
+
+def _fwd_im2col(x, w, stride, pad):
+    """Forward as ONE matmul: patches (N*Ho*Wo, k*k*Cin) @ W (k*k*Cin, Cout)."""
+    k = w.shape[0]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho = (xp.shape[1] - k) // stride + 1
+    cols = [
+        xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (ho - 1) + 1 : stride]
+        for i in range(k)
+        for j in range(k)
+    ]
+    p = jnp.concatenate(cols, -1)
+    return p.reshape(-1, p.shape[-1]) @ w.reshape(-1, w.shape[-1])
+
+
+def _residual_stack(conv: Callable, x: jax.Array, ws: list[jax.Array]) -> jax.Array:
+    """Residual blocks conv -> affine -> ReLU (+ skip): the pattern that trips XLA's dW."""
+    for w in ws:
+        h = conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+        x = jax.nn.relu(h * 0.5 + 0.1 + x)
+    return x
+
+
+def main() -> None:
+    """Print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="also time the matmul alternatives")
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, min of {args.reps} runs, ms")
+    cols = ["fwd", "dW", "dX"] + (["dW im2col", "dW shifted", "fwd im2col"] if args.all else [])
+    print(f"{'layer':24s} {'impl':5s} " + " ".join(f"{c:>10s}" for c in cols))
+    key = jax.random.PRNGKey(0)
+    for name, n, hw, cin, cout, k, stride, pad in SHAPES:
+        z = jax.random.normal(key, (n, hw, hw, cin), jnp.float32)
+        s = jnp.full((cin,), 0.5)
+        b = jnp.full((cin,), 0.1)
+        w = jax.random.normal(key, (k, k, cin, cout), jnp.float32) * 0.1
+        pads = ((pad, pad), (pad, pad))
+        ho = (hw + 2 * pad - k) // stride + 1
+        dy = jax.random.normal(key, (n, ho, ho, cout), jnp.float32)
+        for impl, conv in (
+            ("xla", lax.conv_general_dilated),
+            ("fast", fastconv.select_conv("fast")),
+        ):
+
+            def f(x, w, conv=conv, strides=(stride, stride), pads=pads):
+                return conv(x, w, strides, pads, dimension_numbers=DN)
+
+            fwd = jax.jit(lambda z, s, b, w, f=f: f(_producer(z, s, b), w))
+            dw = jax.jit(
+                lambda z, s, b, w, dy, f=f: jax.vjp(lambda w: f(_producer(z, s, b), w), w)[1](dy)[0]
+            )
+            dx = jax.jit(
+                lambda z, s, b, w, dy, f=f: jax.vjp(lambda x: f(x, w), _producer(z, s, b))[1](dy)[0]
+            )
+            row = [
+                _timeit(fwd, z, s, b, w, reps=args.reps),
+                _timeit(dw, z, s, b, w, dy, reps=args.reps),
+                _timeit(dx, z, s, b, w, dy, reps=args.reps),
+            ]
+            if args.all and impl == "fast":
+                for alt in (_dw_im2col, _dw_shifted):
+                    g = jax.jit(
+                        lambda z, s, b, dy, alt=alt, a=(k, stride, pad): alt(
+                            _producer(z, s, b), dy, *a
+                        )
+                    )
+                    row.append(_timeit(g, z, s, b, dy, reps=args.reps))
+                g = jax.jit(
+                    lambda z, s, b, w, a=(stride, pad): _fwd_im2col(_producer(z, s, b), w, *a)
+                )
+                row.append(_timeit(g, z, s, b, w, reps=args.reps))
+            print(f"{name:24s} {impl:5s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
+    print("\nfwd+bwd of 6 residual 3x3 conv blocks (conv, affine, ReLU, skip), batch 128, ms")
+    for hw, c in ((32, 16), (16, 32), (8, 64)):
+        x = jax.random.normal(key, (128, hw, hw, c), jnp.float32)
+        ws = [jax.random.normal(key, (3, 3, c, c)) * 0.05 for _ in range(6)]
+        row = []
+        for conv in (lax.conv_general_dilated, fastconv.select_conv("fast")):
+            g = jax.jit(jax.grad(lambda ws, x, conv=conv: _residual_stack(conv, x, ws).sum()))
+            row.append(_timeit(g, ws, x, reps=args.reps))
+        print(f"{hw}x{hw}x{c:<3d}  xla {row[0]:7.1f}   fast {row[1]:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
