@@ -147,6 +147,24 @@ def test_smoke_sweep_submitit_local(tmp_path):
 
 
 @pytest.mark.slow
+def test_smoke_sweep_multi_gpu_launcher_runs_on_cpu_too(tmp_path):
+    # Without GPUs the pinning is harmless: both loky workers run their jobs on the CPU.
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        "hydra/launcher=multi_gpu",
+        "hydra.launcher.n_jobs=2",
+        *SMOKE_SWEEP,
+        f"hydra.sweep.dir={sweep_dir}",
+        timeout=900,
+        env={"JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sweep(sweep_dir)
+    assert (sweep_dir / ".gpu_locks").is_dir()
+
+
+@pytest.mark.slow
 def test_single_run_and_resume_into_the_same_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     args = ["model=residual", "depth=8", *TINY, "experiment_name=smoke"]
