@@ -24,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
     p.add_argument("--precisions", nargs="+", default=["float32"])
     p.add_argument("--conv-impls", nargs="+", default=["auto"])
+    p.add_argument("--stage-loops", nargs="+", default=["auto"], help="auto | scan | unroll")
+    p.add_argument("--step-loop", default="auto", help="auto | scan | python")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--compile-only", action="store_true", help="measure compile time only")
     p.add_argument("--image-size", type=int, default=None, help="default: 32 or 224")
     p.add_argument("--steps", type=int, default=10, help="steps per compiled chunk")
     p.add_argument("--repeats", type=int, default=3)
@@ -51,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     size = args.image_size or (32 if args.family == "cifar" else 224)
     cases = list(
         itertools.product(
-            args.models, args.depths, args.batch_sizes, args.precisions, args.conv_impls
+            args.models,
+            args.depths,
+            args.batch_sizes,
+            args.precisions,
+            args.conv_impls,
+            args.stage_loops,
         )
     )
     try:  # every choice is checked before anything compiles
@@ -65,9 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_flax.torch_baseline import time_torch_step, torch_available
 
     rows = []
-    for model, depth, batch, precision, impl in cases:
-        case = BenchCase(model, depth, args.family, batch, size, precision, impl)
-        row = {"framework": "jax", **run_case(case, args.steps, args.repeats)}
+    for model, depth, batch, precision, impl, stage_loop in cases:
+        case = BenchCase(
+            model,
+            depth,
+            args.family,
+            batch,
+            size,
+            precision,
+            impl,
+            args.remat,
+            stage_loop,
+            args.step_loop,
+        )
+        row = {"framework": "jax", **run_case(case, args.steps, args.repeats, args.compile_only)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.torch:

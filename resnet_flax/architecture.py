@@ -47,6 +47,10 @@ class ModelSpec:
     bn_momentum: float = 0.9  # PyTorch's momentum 0.1 in Flax's convention
     bn_epsilon: float = 1e-5
     conv_impl: str = "auto"
+    # Identical blocks are stacked and applied with a scan (compile time flat in depth);
+    # "unroll" emits them one by one. "auto": unroll on CPU, where XLA runs convolution
+    # gradients inside loops far slower than unrolled, scan on accelerators.
+    stage_loop: str = "auto"
 
     def replace(self, **changes) -> ModelSpec:
         """Return a copy with some fields changed."""
@@ -126,6 +130,7 @@ def resolve(spec: ModelSpec) -> Architecture:
     _check_choice("block", spec.block, BLOCKS)
     _check_choice("dtype", spec.dtype, DTYPES)
     _check_choice("conv_impl", spec.conv_impl, ("auto", "xla", "fast"))
+    _check_choice("stage_loop", spec.stage_loop, ("auto", "scan", "unroll"))
     if not isinstance(spec.depth, int) or isinstance(spec.depth, bool):
         raise SpecError(f"depth must be an integer; got {spec.depth!r}")
     if spec.num_classes < 2:

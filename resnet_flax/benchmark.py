@@ -30,6 +30,8 @@ class BenchCase:
     precision: str = "float32"
     conv_impl: str = "auto"
     remat: bool = False
+    stage_loop: str = "auto"
+    step_loop: str = "auto"
 
 
 def synthetic_dataset(image_size: int, batch_size: int, batches: int = 4) -> Dataset:
@@ -60,7 +62,9 @@ def _timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def run_case(case: BenchCase, steps: int = 10, repeats: int = 3) -> dict:
+def run_case(
+    case: BenchCase, steps: int = 10, repeats: int = 3, compile_only: bool = False
+) -> dict:
     """Compile time, steady-state training and evaluation images/s, memory, for one case."""
     spec = ModelSpec(
         model=case.model,
@@ -69,6 +73,7 @@ def run_case(case: BenchCase, steps: int = 10, repeats: int = 3) -> dict:
         dtype=case.precision,
         conv_impl=case.conv_impl,
         remat=case.remat,
+        stage_loop=case.stage_loop,
         shortcut="A" if case.family == "cifar" else "B",
     )
     data = synthetic_dataset(case.image_size, case.batch_size)
@@ -80,12 +85,22 @@ def run_case(case: BenchCase, steps: int = 10, repeats: int = 3) -> dict:
         eval_every=steps,
         checkpoint_every=steps,
         eval_batch_size=case.batch_size,
+        step_loop=case.step_loop,
     )
     prep = prepare(spec, data, data_cfg, OptimConfig(), trainer, seed=0)
     t0 = time.perf_counter()
-    chunk = prep.fns.train_chunk.lower(prep.state, prep.train_data, steps).compile()
+    chunk = prep.fns.compile_chunk(steps, prep.state, prep.train_data)
     compile_s = time.perf_counter() - t0
     state = prep.state
+    base = {
+        **dataclasses.asdict(case),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": len(jax.devices()),
+        "params": prep.param_count,
+        "compile_s": compile_s,
+    }
+    if compile_only:
+        return {**base, **peak_memory_bytes()}
 
     def train_once():
         nonlocal state
@@ -105,11 +120,7 @@ def run_case(case: BenchCase, steps: int = 10, repeats: int = 3) -> dict:
     eval_times = _timed(evaluate, repeats)
     step_s = float(np.median(train_times)) / steps
     return {
-        **dataclasses.asdict(case),
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": len(jax.devices()),
-        "params": prep.param_count,
-        "compile_s": compile_s,
+        **base,
         "step_s": step_s,
         "train_images_per_sec": case.batch_size / step_s,
         "eval_images_per_sec": len(data.x_test) / float(np.median(eval_times)),
@@ -127,6 +138,8 @@ def markdown_table(rows: list[dict]) -> str:
         ("batch_size", "batch"),
         ("precision", "precision"),
         ("conv_impl", "conv"),
+        ("stage_loop", "stages"),
+        ("step_loop", "steps"),
         ("compile_s", "compile s"),
         ("step_s", "step s"),
         ("train_images_per_sec", "train img/s"),

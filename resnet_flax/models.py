@@ -177,6 +177,10 @@ class Stage(nnx.Module):
 
     def __init__(self, spec: ModelSpec, kind: str, cin: int, plan: StagePlan, rngs: nnx.Rngs):
         self.remat = spec.remat
+        loop = spec.stage_loop
+        if loop == "auto":
+            loop = "unroll" if jax.default_backend() == "cpu" else "scan"
+        self.unroll = loop == "unroll"
         self.first = Block(spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs)
         self.num_rest = plan.num_blocks - 1
         rest = None
@@ -212,7 +216,7 @@ class Stage(nnx.Module):
         rest = []
         if self.rest is not None:
 
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=self.unroll or 1)
             def body(h, block):
                 return self._apply(block, h, train)
 
