@@ -127,7 +127,8 @@ def test_smoke_sweep_basic_launcher_and_resume(tmp_path):
     # Rerunning the same command on the same sweep dir resumes: finished runs are skipped.
     proc = run_train("-m", *SMOKE_SWEEP, f"hydra.sweep.dir={sweep_dir}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("already completed") == 4, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr  # Hydra logs to stdout
+    assert output.count("already completed") == 4, output[-3000:]
     assert before == {p: (p / "metrics.jsonl").read_text() for p in before}
     check_sweep(sweep_dir)
 
