@@ -71,6 +71,7 @@ def to_library(
         remat=bool(cfg.remat),
         dtype=cfg.precision,
         conv_impl=cfg.conv_impl,
+        stage_loop=cfg.stage_loop,
     )
     resolve(spec)
     data_cfg = DataConfig(**_container(cfg.dataset))

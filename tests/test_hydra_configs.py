@@ -79,6 +79,8 @@ def test_to_library_maps_every_override():
         "remat=true",
         "zero_init_residual=true",
         "conv_impl=xla",
+        "stage_loop=unroll",
+        "trainer.step_loop=scan",
         "seed=3",
         "dataset=svhn_cropped",
         "dataset.validation_size=1000",
@@ -96,10 +98,11 @@ def test_to_library_maps_every_override():
         remat=True,
         zero_init_residual=True,
         conv_impl="xla",
+        stage_loop="unroll",
     )
     assert data_cfg == DataConfig(name="svhn_cropped", validation_size=1000, flip=False)
     assert optim.schedule == "cosine" and optim.boundaries == () and optim.lr == 0.1
-    assert trainer == TrainerConfig(iterations=10, eval_every=1000)
+    assert trainer == TrainerConfig(iterations=10, eval_every=1000, step_loop="scan")
     assert info == RunInfo(experiment="x", seed=3)
 
 
@@ -112,6 +115,7 @@ def test_to_library_maps_every_override():
         (["model=dense"], SpecError),
         (["shortcut=D"], SpecError),
         (["precision=float16"], SpecError),
+        (["stage_loop=while"], SpecError),
         (["optim.schedule=linear"], ConfigError),
     ],
 )
