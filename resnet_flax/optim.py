@@ -43,8 +43,10 @@ def make_schedule(cfg: OptimConfig, total_iterations: int) -> optax.Schedule:
     if cfg.schedule == "constant":
         base = optax.constant_schedule(cfg.lr)
     else:
+        # join_schedules restarts the count at the warm-up's end: shift the drops so they
+        # still happen at the configured iterations.
         base = optax.piecewise_constant_schedule(
-            cfg.lr, {int(b): cfg.decay_factor for b in cfg.boundaries}
+            cfg.lr, {int(b) - max(warm, 0): cfg.decay_factor for b in cfg.boundaries}
         )
     if warm <= 0:
         return base

@@ -6,12 +6,18 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
+import types
 from importlib import metadata
 from pathlib import Path
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+# TensorBoard's writer would import all of TensorFlow (seconds, log noise) to write a file;
+# this module name is TensorBoard's own switch to its built-in TF-free stub.
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: E402
+from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
 
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
