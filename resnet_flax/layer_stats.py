@@ -53,19 +53,25 @@ def kernel_layers(params) -> list[tuple[str, jax.Array]]:
     return out
 
 
-def gradient_norms(graphdef, params, batch_stats, x: jax.Array, y: jax.Array) -> dict[str, float]:
-    """L2 norm of the loss gradient for each branch conv kernel on one batch (training mode)."""
+def gradient_norm_fn(graphdef, x: jax.Array, y: jax.Array):
+    """A compiled (params, batch_stats) -> {layer: gradient L2 norm} on one batch, train mode.
+
+    Built once per run so the initial and the final parameters share one compilation.
+    """
 
     @jax.jit
-    def grads(params):
+    def grads(params, batch_stats):
         def loss(p):
             model = nnx.merge(graphdef, p, batch_stats, copy=True)
             return cross_entropy(model(x, train=True), y)
 
         return jax.grad(loss)(params)
 
-    g = grads(params)
-    return {name: float(jnp.linalg.norm(k)) for name, k in kernel_layers(g)}
+    def norms(params, batch_stats) -> dict[str, float]:
+        g = grads(params, batch_stats)
+        return {name: float(jnp.linalg.norm(k)) for name, k in kernel_layers(g)}
+
+    return norms
 
 
 def response_std(
@@ -132,8 +138,9 @@ def analyze_run(run_dir: str | Path, grad_batch: int = 256) -> dict:
 
     x = aug.normalize(jnp.asarray(data.x_train[:grad_batch]), mean, std)
     y = jnp.asarray(data.y_train[:grad_batch])
-    g_init = gradient_norms(graphdef, init_params, init_stats, x, y)
-    g_final = gradient_norms(graphdef, state["params"], state["batch_stats"], x, y)
+    gradient_norms = gradient_norm_fn(graphdef, x, y)
+    g_init = gradient_norms(init_params, init_stats)
+    g_final = gradient_norms(state["params"], state["batch_stats"])
     stds = response_std(graphdef, state["params"], state["batch_stats"], data.x_test, mean, std)
     kernels = dict(kernel_layers(state["params"]))
     layers = [
