@@ -52,6 +52,18 @@ def _container(node: DictConfig) -> dict:
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
+def architecture_fields(cfg: DictConfig) -> dict:
+    """The keys that choose the network, shared by the train and model_info configs."""
+    return {
+        "model": cfg.model,
+        "depth": cfg.depth,
+        "family": cfg.family,
+        # YAML reads a bare A/B/C as a string, but be safe with odd overrides.
+        "shortcut": str(cfg.shortcut),
+        "block": cfg.block,
+    }
+
+
 def to_library(
     cfg: DictConfig,
 ) -> tuple[ModelSpec, DataConfig, OptimConfig, TrainerConfig, RunInfo]:
@@ -61,12 +73,7 @@ def to_library(
     any data is loaded or anything compiles; an unknown schedule raises ConfigError.
     """
     spec = ModelSpec(
-        model=cfg.model,
-        depth=cfg.depth,
-        family=cfg.family,
-        # YAML reads a bare A/B/C as a string, but be safe with odd overrides.
-        shortcut=str(cfg.shortcut),
-        block=cfg.block,
+        **architecture_fields(cfg),
         zero_init_residual=bool(cfg.zero_init_residual),
         remat=bool(cfg.remat),
         dtype=cfg.precision,

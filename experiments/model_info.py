@@ -8,6 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from experiments.config import architecture_fields
 from resnet_flax.architecture import ModelSpec, SpecError
 from resnet_flax.summary import summarize
 
@@ -16,11 +17,7 @@ from resnet_flax.summary import summarize
 def main(cfg: DictConfig) -> None:
     """Summarise the configured network without compiling anything."""
     spec = ModelSpec(
-        model=cfg.model,
-        depth=cfg.depth,
-        family=cfg.family,
-        shortcut=str(cfg.shortcut),
-        block=cfg.block,
+        **architecture_fields(cfg),
         num_classes=cfg.num_classes,
         in_channels=cfg.in_channels,
     )
