@@ -117,7 +117,6 @@ def check_sweep(sweep_dir: Path) -> None:
     assert found == SMOKE_JOBS
 
 
-@pytest.mark.slow
 def test_smoke_sweep_basic_launcher_and_resume(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train("-m", *SMOKE_SWEEP, f"hydra.sweep.dir={sweep_dir}", timeout=600)
@@ -133,7 +132,6 @@ def test_smoke_sweep_basic_launcher_and_resume(tmp_path):
     check_sweep(sweep_dir)
 
 
-@pytest.mark.slow
 def test_smoke_sweep_submitit_local(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train(
