@@ -85,9 +85,9 @@ def _percent_axis(ax: plt.Axes, label: str) -> None:
 
 
 def _zero_bottom(axes: Iterable[plt.Axes]) -> None:
-    """Start y axes at 0; called after all panels are drawn, as shared axes freeze limits."""
+    """Start y axes just below 0 (a line at 0% stays visible); call after drawing all panels."""
     for ax in axes:
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=-0.02 * ax.get_ylim()[1])
 
 
 def seed_mean_curve(curves: pd.DataFrame, value: str) -> pd.DataFrame:
