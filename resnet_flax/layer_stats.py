@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from resnet_flax import augment as aug
 from resnet_flax.architecture import ModelSpec
 from resnet_flax.checkpoints import Checkpointer, abstract_like
 from resnet_flax.data import DataConfig, load_dataset
-from resnet_flax.models import build_model, flatten_responses
+from resnet_flax.models import flatten_responses
 from resnet_flax.optim import OptimConfig, make_optimizer
-from resnet_flax.train import cross_entropy
+from resnet_flax.train import cross_entropy, initial_state
 
 
 class AnalysisError(ValueError):
@@ -119,16 +120,10 @@ def analyze_run(run_dir: str | Path, grad_batch: int = 256) -> dict:
     data = load_dataset(cfg["data"])
     mean, std = aug.normalization_stats(data.x_train, cfg["data"].normalization)
 
-    model = build_model(spec, seed=seed)  # the initial parameters are a function of the seed
-    graphdef, init_params, init_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    tx = make_optimizer(cfg["optim"])
-    template = {
-        "params": init_params,
-        "batch_stats": init_stats,
-        "opt_state": tx.init(init_params),
-        "step": jnp.int32(0),
-        "warm_done": jnp.bool_(False),
-    }
+    # The initial parameters are a function of the seed; the same state is the restore template.
+    spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=data.image_shape[-1])
+    graphdef, template = initial_state(spec, seed, make_optimizer(cfg["optim"]), len(data.x_train))
+    init_params, init_stats = template["params"], template["batch_stats"]
     checkpointer = Checkpointer(run_dir / "checkpoints")
     restored = checkpointer.restore_latest(abstract_like(template))
     checkpointer.close()
