@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnet_flax.architecture import Architecture, ModelSpec, StagePlan, resolve
+from resnet_flax.conv import select_conv
 
 # He et al. 2015 initialise with N(0, 2/n), n = k*k*c_in (the fan-in).
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -19,12 +20,6 @@ dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 def _conv_fn(spec: ModelSpec) -> Callable:
     """The convolution primitive for this spec (XLA's, or the CPU-friendly custom VJP)."""
-    if spec.conv_impl == "xla":
-        return jax.lax.conv_general_dilated
-    try:
-        from resnet_flax.conv import select_conv
-    except ImportError:  # the fast CPU convolution is optional
-        return jax.lax.conv_general_dilated
     return select_conv(spec.conv_impl)
 
 

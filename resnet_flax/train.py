@@ -106,12 +106,16 @@ class Compiled:
     train_chunk: object
     evaluate: object
     step_loop: str
+    # The one compiled step behind every chunk length of the python loop.
+    _compiled_step: dict = dataclasses.field(default_factory=dict)
 
     def compile_chunk(self, length: int, state, data):
         """A callable (state, data) -> (state, per-step metrics) running `length` steps."""
         if self.step_loop == "scan":
             return self.train_chunk.lower(state, data, length).compile()
-        step = self.train_step.lower(state, data).compile()
+        if "step" not in self._compiled_step:
+            self._compiled_step["step"] = self.train_step.lower(state, data).compile()
+        step = self._compiled_step["step"]
 
         def run(state, data):
             metrics = []
