@@ -25,25 +25,34 @@ class Checkpointer:
         """Write the state at this step (asynchronously; finished before the next save)."""
         self.manager.save(step, args=ocp.args.StandardSave(state))
 
+    def steps(self) -> list[int]:
+        """The iterations that have a checkpoint, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def restore(self, step: int, abstract_state) -> object | None:
+        """The state saved at `step`, or None (with a warning) when it cannot be read."""
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as err:  # any failure to read means this checkpoint is unusable
+            log.warning(
+                "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                self.directory,
+                step,
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
+            )
+            return None
+
     def restore_latest(self, abstract_state) -> tuple[int, object] | None:
         """The newest checkpoint that restores, as (step, state); None when there is none.
 
         A corrupt or partial newest checkpoint is reported and the one before it is tried,
         so a run killed while writing loses at most one checkpoint interval.
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-            except Exception as err:  # any failure to read means this checkpoint is unusable
-                log.warning(
-                    "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
-                    self.directory,
-                    step,
-                    type(err).__name__,
-                    str(err).splitlines()[0][:200] if str(err) else "",
-                )
-                continue
-            return step, state
+        for step in self.steps():
+            state = self.restore(step, abstract_state)
+            if state is not None:
+                return step, state
         return None
 
     def wait(self) -> None:
@@ -59,3 +68,14 @@ class Checkpointer:
 def abstract_like(state) -> object:
     """Shape/dtype/sharding structs for a state pytree (the restore target)."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def restore_common(checkpointers: list[Checkpointer], abstract_state) -> tuple[int, list] | None:
+    """The newest step that restores in every checkpointer (seeds trained together resume
+    together), as (step, [state per checkpointer]); None when there is no such step."""
+    common = set.intersection(*(set(c.steps()) for c in checkpointers))
+    for step in sorted(common, reverse=True):
+        states = [c.restore(step, abstract_state) for c in checkpointers]
+        if all(s is not None for s in states):
+            return step, states
+    return None

@@ -16,6 +16,9 @@ import yaml
 
 # Files whose presence marks a directory as a run directory.
 RUN_MARKERS = ("summary.json", "metrics.jsonl", os.path.join(".hydra", "config.yaml"))
+# Written by a job that trains several seeds as one program: the runs are its seed_<s>
+# subdirectories, and the job directory itself is not a run.
+SEED_GROUP_MARKER = "seed_group.json"
 # Directories never searched for runs: outputs of this module's users and bulky run contents.
 SKIP_DIRS = {"figures", "checkpoints", "__pycache__", "tensorboard"}
 # A run without summary.json whose files changed this recently is considered still running.
@@ -77,6 +80,8 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
 
 def is_run_dir(path: Path) -> bool:
     """Whether a directory holds any of the files a training run writes."""
+    if (path / SEED_GROUP_MARKER).is_file():
+        return False
     return any((path / marker).is_file() for marker in RUN_MARKERS)
 
 

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,17 @@ from tqdm.auto import tqdm
 
 from resnet_flax import augment as aug
 from resnet_flax.architecture import ModelSpec, resolve
-from resnet_flax.checkpoints import Checkpointer, abstract_like
+from resnet_flax.checkpoints import Checkpointer, abstract_like, restore_common
 from resnet_flax.data import DataConfig, Dataset, load_dataset
 from resnet_flax.models import build_model
 from resnet_flax.optim import OptimConfig, apply_lr, learning_rate, make_optimizer, make_schedule
+from resnet_flax.prefetch import DevicePrefetcher
 from resnet_flax.records import RunRecorder, git_commit, library_versions
+from resnet_flax.runs import SEED_GROUP_MARKER
 from resnet_flax.summary import count_params
+
+if TYPE_CHECKING:
+    from resnet_flax.streaming import Stream
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,11 @@ class TrainerConfig:
     # ("python"). "auto" picks python on CPU, where XLA runs convolution gradients inside
     # while loops 30x slower than unrolled (measured, DESIGN/README), and scan elsewhere.
     step_loop: str = "auto"
+    # Seeds seed .. seed+vmap_seeds-1 trained as ONE compiled program (vmap over seeds), each
+    # into run_dir/seed_<s>: small models leave a GPU idle, several seeds fill it.
+    vmap_seeds: int = 1
+    # Device batches the host prepares ahead of the running step (streaming datasets).
+    prefetch: int = 2
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,12 @@ class RunInfo:
     seed: int = 0
 
 
+# The training state; every entry but the shared step count gets a leading seed axis when
+# several seeds train as one program (TrainerConfig.vmap_seeds).
+STATE_KEYS = ("params", "batch_stats", "opt_state", "step", "warm_done", "order", "key")
+SEED_AXES = {k: (None if k == "step" else 0) for k in STATE_KEYS}
+
+
 class ConfigError(ValueError):
     """An impossible training configuration; the message says what is valid."""
 
@@ -67,6 +84,11 @@ def check_trainer(cfg: TrainerConfig, num_devices: int) -> None:
     """Fail before any compile when intervals or batch sizes cannot work."""
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.log_every < 1:
         raise ConfigError("iterations, batch_size and log_every must be positive")
+    if cfg.vmap_seeds < 1 or cfg.prefetch < 1:
+        raise ConfigError(
+            f"trainer.vmap_seeds and trainer.prefetch must be at least 1; "
+            f"got {cfg.vmap_seeds} and {cfg.prefetch}"
+        )
     for name in ("eval_every", "checkpoint_every"):
         value = getattr(cfg, name)
         if value < 1 or value % cfg.log_every:
@@ -100,7 +122,7 @@ def resolve_loop(choice: str) -> str:
 
 @dataclass(frozen=True)
 class Compiled:
-    """The jitted training steps (one, or a scanned chunk) and the evaluation of a split."""
+    """The jitted training steps (one, or a scanned chunk) and the evaluation functions."""
 
     train_step: object
     train_chunk: object
@@ -109,64 +131,64 @@ class Compiled:
     # The one compiled step behind every chunk length of the python loop.
     _compiled_step: dict = dataclasses.field(default_factory=dict)
 
+    def compile_step(self, state, data):
+        """The single training step (state, data) -> (state, metrics), compiled once."""
+        if "step" not in self._compiled_step:
+            self._compiled_step["step"] = self.train_step.lower(state, data).compile()
+        return self._compiled_step["step"]
+
     def compile_chunk(self, length: int, state, data):
         """A callable (state, data) -> (state, per-step metrics) running `length` steps."""
         if self.step_loop == "scan":
             return self.train_chunk.lower(state, data, length).compile()
-        if "step" not in self._compiled_step:
-            self._compiled_step["step"] = self.train_step.lower(state, data).compile()
-        step = self._compiled_step["step"]
+        step = self.compile_step(state, data)
 
         def run(state, data):
             metrics = []
             for _ in range(length):
                 state, m = step(state, data)
                 metrics.append(m)
-            return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+            return state, stack_metrics(metrics)
 
         return run
 
 
+def stack_metrics(metrics: list[dict]) -> dict:
+    """Per-step metric dicts stacked into arrays with a leading step axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+
 def build_functions(
     graphdef,
-    spec_data: dict,
+    layout: dict,
     optim: OptimConfig,
     schedule,
     tx,
     trainer: TrainerConfig,
     mesh: Mesh,
-    seed: int,
+    num_seeds: int = 1,
 ) -> Compiled:
-    """Close the model, recipe and data layout into the two jitted functions."""
+    """Close the model, recipe and data layout into the jitted functions.
+
+    layout["streaming"] says where a batch comes from: False, the step gathers it from
+    the device-resident training set (and augments it there); True, the step receives a
+    host-augmented uint8 batch. With num_seeds > 1 the state holds that many seeds
+    stacked on a leading axis and every function is vmapped over it (one program).
+    """
     batch_sharding = NamedSharding(mesh, P("data"))
-    steps_per_epoch = spec_data["steps_per_epoch"]
-    n_train = spec_data["n_train"]
     batch = trainer.batch_size
-    padding, flip = spec_data["crop_padding"], spec_data["flip"]
-    base_key = jax.random.PRNGKey(seed)
-    order_key, augment_key = jax.random.split(jax.random.fold_in(base_key, 1))
+    streaming = layout["streaming"]
+    steps_per_epoch, n_train = layout["steps_per_epoch"], layout["n_train"]
+    padding, flip = layout.get("crop_padding", 0), layout.get("flip", False)
 
     def forward(params, batch_stats, x, train):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         logits = model(x, train=train)
         return logits, nnx.state(model, nnx.BatchStat)
 
-    def step(state, data):
-        x_all, y_all, mean, std = data
+    def update(state, x, y):
+        """One SGD step on a normalised, augmented batch: the part every data source shares."""
         i = state["step"]
-        epoch, pos = i // steps_per_epoch, i % steps_per_epoch
-        # A fresh permutation at each epoch start, derived from (seed, epoch) alone, and
-        # carried in the state in between (recomputing it every step cost ~27 ms on CPU).
-        order = jax.lax.cond(
-            pos == 0,
-            lambda: jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train),
-            lambda: state["order"],
-        )
-        idx = jax.lax.dynamic_slice(order, (pos * batch,), (batch,))
-        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-        x = aug.normalize(x_all[idx], mean, std)
-        x = aug.augment(jax.random.fold_in(augment_key, i), x, padding, flip)
-        y = y_all[idx]
 
         def loss_fn(params):
             logits, new_stats = forward(params, state["batch_stats"], x, True)
@@ -183,25 +205,60 @@ def build_functions(
         if optim.warmup_until_error is not None:
             warm_done = warm_done | (error < optim.warmup_until_error)
         new_state = {
+            **state,
             "params": params,
             "batch_stats": new_stats,
             "opt_state": opt_state,
             "step": i + 1,
             "warm_done": warm_done,
-            "order": order,
         }
         return new_state, {"loss": loss, "error": error, "lr": lr}
+
+    def memory_step(state, data):
+        x_all, y_all, mean, std = data
+        i = state["step"]
+        epoch, pos = i // steps_per_epoch, i % steps_per_epoch
+        order_key, augment_key = jax.random.split(jax.random.fold_in(state["key"], 1))
+        # A fresh permutation at each epoch start, derived from (seed, epoch) alone, and
+        # carried in the state in between (recomputing it every step cost ~27 ms on CPU).
+        order = jax.lax.cond(
+            pos == 0,
+            lambda: jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train),
+            lambda: state["order"],
+        )
+        idx = jax.lax.dynamic_slice(order, (pos * batch,), (batch,))
+        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+        x = aug.normalize(x_all[idx], mean, std)
+        x = aug.augment(jax.random.fold_in(augment_key, i), x, padding, flip)
+        new_state, metrics = update(state, x, y_all[idx])
+        return {**new_state, "order": order}, metrics
+
+    def stream_step(state, data):
+        x, y, mean, std = data
+        return update(state, aug.normalize(x, mean, std), y)
+
+    step = stream_step if streaming else memory_step
+    if num_seeds > 1:
+        # The data (and a streamed batch) is shared; parameters, statistics, optimizer state
+        # and random keys are per seed. The step count is shared, so the epoch-start cond
+        # stays a cond instead of becoming a select that permutes every step.
+        step = jax.vmap(step, in_axes=(SEED_AXES, None), out_axes=(SEED_AXES, 0))
 
     @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
     def train_chunk(state, data, length):
         return jax.lax.scan(lambda s, _: step(s, data), state, length=length)
 
     train_step = jax.jit(step, donate_argnums=(0,))
-
     eval_batch = trainer.eval_batch_size
 
-    @jax.jit
-    def evaluate(params, batch_stats, x_all, y_all, mean, std):
+    def eval_sums(params, batch_stats, x, y, valid, mean, std):
+        """Summed loss and number of errors over the valid rows of one evaluation batch."""
+        logits, _ = forward(params, batch_stats, aug.normalize(x, mean, std), False)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        wrong = jnp.argmax(logits, -1) != y
+        return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid & wrong)
+
+    def evaluate_split(params, batch_stats, x_all, y_all, mean, std):
         n = x_all.shape[0]
         num_batches = -(-n // eval_batch)
 
@@ -209,21 +266,19 @@ def build_functions(
             idx = b * eval_batch + jnp.arange(eval_batch)
             valid = idx < n
             idx = jax.lax.with_sharding_constraint(jnp.minimum(idx, n - 1), batch_sharding)
-            x = aug.normalize(x_all[idx], mean, std)
-            logits, _ = forward(params, batch_stats, x, False)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y_all[idx])
-            wrong = jnp.argmax(logits, -1) != y_all[idx]
-            return (
-                carry[0] + jnp.sum(jnp.where(valid, losses, 0.0)),
-                carry[1] + jnp.sum(valid & wrong),
-            ), None
+            loss, wrong = eval_sums(params, batch_stats, x_all[idx], y_all[idx], valid, mean, std)
+            return (carry[0] + loss, carry[1] + wrong), None
 
         (loss_sum, wrong), _ = jax.lax.scan(
             body, (jnp.float32(0.0), jnp.int32(0)), jnp.arange(num_batches)
         )
         return loss_sum / n, wrong / n
 
-    return Compiled(train_step, train_chunk, evaluate, resolve_loop(trainer.step_loop))
+    evaluate = eval_sums if streaming else evaluate_split
+    if num_seeds > 1:
+        n_data_args = 5 if streaming else 4
+        evaluate = jax.vmap(evaluate, in_axes=(0, 0) + (None,) * n_data_args)
+    return Compiled(train_step, train_chunk, jax.jit(evaluate), resolve_loop(trainer.step_loop))
 
 
 # --- host side --------------------------------------------------------------------------------
@@ -271,8 +326,55 @@ def initial_state(spec: ModelSpec, seed: int, tx, n_train: int) -> tuple[object,
         "step": jnp.int32(0),
         "warm_done": jnp.bool_(False),
         "order": jnp.zeros((n_train,), jnp.int32),  # the epoch's data order, set at step 0
+        # Data order and augmentation keys derive from this, so seeds can be vmapped.
+        "key": jax.random.PRNGKey(seed),
     }
     return graphdef, state
+
+
+def stack_seeds(states: list[dict]) -> dict:
+    """Per-seed states stacked on a leading axis (the step count stays shared)."""
+    return {
+        k: states[0][k]
+        if SEED_AXES[k] is None
+        else jax.tree.map(lambda *xs: jnp.stack(xs), *(s[k] for s in states))
+        for k in STATE_KEYS
+    }
+
+
+def seed_state(state: dict, index: int) -> dict:
+    """One seed's state out of a stacked state."""
+    return {
+        k: v if SEED_AXES[k] is None else jax.tree.map(lambda a: a[index], v)
+        for k, v in state.items()
+    }
+
+
+def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
+    """Where each seed writes: run_dir itself, or run_dir/seed_<s> when seeds train together."""
+    if len(seeds) == 1:
+        return [Path(run_dir)]
+    return [Path(run_dir) / f"seed_{s}" for s in seeds]
+
+
+def global_eval_batch(trainer: TrainerConfig, num_devices: int) -> int:
+    """The evaluation batch rounded up to a multiple of the device count."""
+    return math.ceil(trainer.eval_batch_size / num_devices) * num_devices
+
+
+def open_data(data_cfg: DataConfig, trainer: TrainerConfig, seed: int) -> Dataset | Stream:
+    """A run's data: the in-memory sets, or a host stream for the ImageNet-scale ones.
+
+    Either way this fails in seconds with a DataError (nothing has compiled yet).
+    """
+    try:
+        from resnet_flax import streaming  # TEMP lazy until the module lands
+    except ImportError:
+        return load_dataset(data_cfg)
+    if streaming.is_streaming(data_cfg.name):
+        eval_batch = global_eval_batch(trainer, jax.device_count())
+        return streaming.open_stream(data_cfg, trainer.batch_size, eval_batch, seed)
+    return load_dataset(data_cfg)
 
 
 @dataclass
@@ -288,64 +390,116 @@ class Prepared:
     on_device: dict
     steps_per_epoch: int
     param_count: int
+    seeds: list[int]
+    stream: Stream | None = None
 
     @property
     def train_data(self) -> tuple:
-        """The arguments of the train chunk besides the state."""
+        """The arguments of the in-memory train chunk besides the state."""
         d = self.on_device
         return d["x_train"], d["y_train"], d["mean"], d["std"]
 
 
 def prepare(
     spec: ModelSpec,
-    data: Dataset,
+    data: Dataset | Stream,
     data_cfg: DataConfig,
     optim: OptimConfig,
     trainer: TrainerConfig,
-    seed: int,
+    seed: int = 0,
+    num_seeds: int = 1,
 ) -> Prepared:
-    """Validate, build the initial state and the jitted functions, put the data on device."""
+    """Validate, build the initial state(s) and the jitted functions, put the data on device.
+
+    num_seeds > 1 stacks seeds seed, seed+1, ... into one state trained as one program.
+    """
     mesh = make_mesh()
     check_trainer(trainer, mesh.size)
-    spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=data.image_shape[-1])
+    streaming = not isinstance(data, Dataset)
+    in_channels = data.image_shape[-1]
+    spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=in_channels)
     resolve(spec)
-    n_train = len(data.x_train)
+    n_train = data.n_train if streaming else len(data.x_train)
     if n_train < trainer.batch_size:
         raise ConfigError(
             f"the training split has {n_train} images, fewer than batch_size {trainer.batch_size}"
         )
     steps_per_epoch = n_train // trainer.batch_size
-    eval_batch = math.ceil(trainer.eval_batch_size / mesh.size) * mesh.size
-    trainer = dataclasses.replace(trainer, eval_batch_size=eval_batch)
+    trainer = dataclasses.replace(trainer, eval_batch_size=global_eval_batch(trainer, mesh.size))
 
     schedule = make_schedule(optim, trainer.iterations)
     tx = make_optimizer(optim)
-    graphdef, state = initial_state(spec, seed, tx, n_train)
+    seeds = [seed + k for k in range(num_seeds)]
+    # A stream orders its own data: the state carries no permutation.
+    order_len = 0 if streaming else n_train
+    states = []
+    for s in seeds:
+        graphdef, state = initial_state(spec, s, tx, order_len)
+        states.append(state)
+    state = states[0] if num_seeds == 1 else stack_seeds(states)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    param_count = count_params(nnx.merge(graphdef, state["params"], state["batch_stats"]))
+    param_count = count_params(nnx.merge(graphdef, states[0]["params"], states[0]["batch_stats"]))
 
-    mean, std = aug.normalization_stats(data.x_train, data_cfg.normalization)
-    arrays = {
-        "x_train": data.x_train,
-        "y_train": data.y_train,
-        "x_test": data.x_test,
-        "y_test": data.y_test,
-        "mean": mean,
-        "std": std,
-    }
-    if data.x_val is not None:
-        arrays.update(x_val=data.x_val, y_val=data.y_val)
+    if streaming:
+        # The stream's per-channel statistics are on the 0-255 scale; normalize() uses 0-1.
+        arrays = {"mean": data.mean / 255.0, "std": data.std / 255.0}
+        layout = {"streaming": True, "steps_per_epoch": steps_per_epoch, "n_train": n_train}
+    else:
+        mean, std = aug.normalization_stats(data.x_train, data_cfg.normalization)
+        arrays = {
+            "x_train": data.x_train,
+            "y_train": data.y_train,
+            "x_test": data.x_test,
+            "y_test": data.y_test,
+            "mean": mean,
+            "std": std,
+        }
+        if data.x_val is not None:
+            arrays.update(x_val=data.x_val, y_val=data.y_val)
+        layout = {
+            "streaming": False,
+            "steps_per_epoch": steps_per_epoch,
+            "n_train": n_train,
+            "crop_padding": data_cfg.crop_padding,
+            "flip": data_cfg.flip,
+        }
+    arrays["mean"] = np.asarray(arrays["mean"], np.float32)
+    arrays["std"] = np.asarray(arrays["std"], np.float32)
     on_device = {name: put_replicated(arr, mesh) for name, arr in arrays.items()}
-    layout = {
-        "steps_per_epoch": steps_per_epoch,
-        "n_train": n_train,
-        "crop_padding": data_cfg.crop_padding,
-        "flip": data_cfg.flip,
-    }
-    fns = build_functions(graphdef, layout, optim, schedule, tx, trainer, mesh, seed)
+    fns = build_functions(graphdef, layout, optim, schedule, tx, trainer, mesh, num_seeds)
     return Prepared(
-        spec, trainer, mesh, graphdef, state, fns, on_device, steps_per_epoch, param_count
+        spec,
+        trainer,
+        mesh,
+        graphdef,
+        state,
+        fns,
+        on_device,
+        steps_per_epoch,
+        param_count,
+        seeds,
+        data if streaming else None,
     )
+
+
+@dataclass
+class SeedRun:
+    """The records of one seed's run directory while it trains."""
+
+    info: RunInfo
+    run_dir: Path
+    recorder: RunRecorder
+    checkpointer: Checkpointer
+    base_summary: dict
+    wall_before: float
+    status: str = "running"
+    message: str | None = None
+
+    def summary(self, iteration: int, steps_per_epoch: int) -> dict:
+        """summary.json's content at this point of the run."""
+        out = {**self.base_summary, "status": self.status, "message": self.message}
+        out.update(_final_numbers(self.recorder.history, steps_per_epoch, iteration))
+        return out
 
 
 def train(
@@ -355,81 +509,143 @@ def train(
     optim: OptimConfig,
     trainer: TrainerConfig,
     info: RunInfo,
-    dataset: Dataset | None = None,
+    dataset: Dataset | Stream | None = None,
 ) -> dict:
     """Train (or resume) one run into run_dir and return its summary.
 
-    Bad configurations raise before anything compiles. A non-finite loss ends the run with
-    status "diverged" (returned, not raised) so a sweep can go on with its other runs.
+    With trainer.vmap_seeds = k > 1, seeds info.seed .. info.seed+k-1 train as one compiled
+    program, each into run_dir/seed_<s>; the return value then holds every seed's summary
+    under "runs". Bad configurations raise before anything compiles. A non-finite loss ends
+    a run with status "diverged" (returned, not raised) so a sweep can go on.
     """
     run_dir = Path(run_dir)
     check_trainer(trainer, len(jax.devices()))
-    data = dataset if dataset is not None else load_dataset(data_cfg)
-    prep = prepare(spec, data, data_cfg, optim, trainer, info.seed)
+    data = dataset if dataset is not None else open_data(data_cfg, trainer, info.seed)
+    prep = prepare(spec, data, data_cfg, optim, trainer, info.seed, trainer.vmap_seeds)
     spec, trainer, mesh, fns = prep.spec, prep.trainer, prep.mesh, prep.fns
     state, on_device, steps_per_epoch = prep.state, prep.on_device, prep.steps_per_epoch
+    seeds, stream = prep.seeds, prep.stream
+    stacked = len(seeds) > 1
+    dirs = seed_run_dirs(run_dir, seeds)
+    if stacked:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = {"seeds": seeds, "run_dirs": [d.name for d in dirs]}
+        (run_dir / SEED_GROUP_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=trainer.keep_checkpoints)
-    restored = checkpointer.restore_latest(abstract_like(state))
+    checkpointers = [Checkpointer(d / "checkpoints", keep=trainer.keep_checkpoints) for d in dirs]
+    template = abstract_like(seed_state(state, 0) if stacked else state)
+    restored = restore_common(checkpointers, template)
     start = 0
     if restored is not None:
-        start, state = restored
+        start, states = restored
+        state = (
+            states[0]
+            if not stacked
+            else jax.device_put(stack_seeds(states), NamedSharding(mesh, P()))
+        )
         log.info("resuming %s from iteration %d", run_dir, start)
-    recorder = RunRecorder(run_dir, resume_from=start)
-    write_run_config(run_dir, spec, data_cfg, optim, trainer, info)
-    train_data = prep.train_data
-    param_count = prep.param_count
 
-    base_summary = {
+    dataset_name = stream.name if stream is not None else data.name
+    common = {
         "experiment": info.experiment,
         "model": spec.model,
         "depth": spec.depth,
         "shortcut": spec.shortcut,
         "family": spec.family,
-        "dataset": data.name,
-        "seed": info.seed,
-        "param_count": param_count,
+        "dataset": dataset_name,
+        "param_count": prep.param_count,
         "batch_size": trainer.batch_size,
         "device_kind": jax.devices()[0].device_kind,
         "device_count": mesh.size,
         "process_count": jax.process_count(),
+        "vmap_seeds": len(seeds),
         "versions": library_versions(),
         "git_commit": git_commit(),
     }
-    previous = _read_previous_summary(run_dir)
-    wall_before = previous.get("wall_time_s", 0.0) if start > 0 else 0.0
-    recorder.write_summary({**base_summary, "status": "running", "iterations": start})
+    if stream is not None:
+        common["eval_split"] = stream.eval_split
+    runs = []
+    for seed, d, ckpt in zip(seeds, dirs, checkpointers, strict=True):
+        seed_info = dataclasses.replace(info, seed=seed)
+        recorder = RunRecorder(d, resume_from=start)
+        write_run_config(d, spec, data_cfg, optim, trainer, seed_info)
+        previous = _read_previous_summary(d)
+        wall_before = previous.get("wall_time_s", 0.0) if start > 0 else 0.0
+        run = SeedRun(seed_info, d, recorder, ckpt, {**common, "seed": seed}, wall_before)
+        recorder.write_summary({**run.base_summary, "status": "running", "iterations": start})
+        runs.append(run)
 
-    def evaluate(split: str) -> tuple[float, float]:
-        loss, err = fns.evaluate(
-            state["params"],
-            state["batch_stats"],
-            on_device[f"x_{split}"],
-            on_device[f"y_{split}"],
-            on_device["mean"],
-            on_device["std"],
-        )
-        return float(loss), float(err)
+    def per_seed(value, index: int):
+        """Seed `index`'s entry of a (per-step) metric or evaluation result."""
+        value = np.asarray(value)
+        return value[..., index] if stacked else value
 
-    def eval_line(iteration: int) -> dict:
+    def evaluate(split: str) -> list[tuple[float, float]]:
+        """(loss, error) of every seed on a split."""
+        if stream is None:
+            loss, err = fns.evaluate(
+                state["params"],
+                state["batch_stats"],
+                on_device[f"x_{split}"],
+                on_device[f"y_{split}"],
+                on_device["mean"],
+                on_device["std"],
+            )
+        else:
+            loss, err = 0.0, 0
+            batches = DevicePrefetcher(stream.eval_batches(), batch_sharding, trainer.prefetch)
+            try:
+                for x, y, valid in batches:
+                    sums = fns.evaluate(
+                        state["params"], state["batch_stats"], x, y, valid, *stream_stats
+                    )
+                    loss, err = loss + np.asarray(sums[0]), err + np.asarray(sums[1])
+            finally:
+                batches.close()
+            loss, err = loss / stream.n_eval, err / stream.n_eval
+        return [(float(per_seed(loss, k)), float(per_seed(err, k))) for k in range(len(seeds))]
+
+    def log_eval(iteration: int) -> None:
         line = {"iteration": iteration, "epoch": iteration / steps_per_epoch}
-        line["test_loss"], line["test_error"] = evaluate("test")
-        if data.x_val is not None:
-            line["val_loss"], line["val_error"] = evaluate("val")
-        return line
+        test = evaluate("test")
+        val = evaluate("val") if stream is None and data.x_val is not None else None
+        for k, run in enumerate(runs):
+            if run.status != "running":
+                continue
+            out = {**line, "test_loss": test[k][0], "test_error": test[k][1]}
+            if val is not None:
+                out["val_loss"], out["val_error"] = val[k]
+            run.recorder.log(out)
 
+    batch_sharding = NamedSharding(mesh, P("data"))
+    stream_stats = (on_device["mean"], on_device["std"])
     compile_time = 0.0
     compiled: dict[int, object] = {}
+    batches = None
+    if stream is not None:
+        batches = DevicePrefetcher(stream.train_batches(start), batch_sharding, trainer.prefetch)
 
-    def chunk_fn(length: int):
+    def run_chunk(state, length: int):
+        """Train `length` steps: a compiled chunk over device data, or streamed batches."""
         nonlocal compile_time
-        if length not in compiled:
-            t0 = time.perf_counter()
-            compiled[length] = fns.compile_chunk(length, state, train_data)
-            compile_time += time.perf_counter() - t0
-        return compiled[length]
+        if stream is None:
+            if length not in compiled:
+                t0 = time.perf_counter()
+                compiled[length] = fns.compile_chunk(length, state, prep.train_data)
+                compile_time += time.perf_counter() - t0
+            return compiled[length](state, prep.train_data)
+        metrics = []
+        for _ in range(length):
+            x, y = next(batches)
+            data_args = (x, y, *stream_stats)
+            if "step" not in compiled:
+                t0 = time.perf_counter()
+                compiled["step"] = fns.compile_step(state, data_args)
+                compile_time += time.perf_counter() - t0
+            state, m = compiled["step"](state, data_args)
+            metrics.append(m)
+        return state, stack_metrics(metrics)
 
-    status, message = "completed", None
     t_start = time.perf_counter()
     train_time, train_images = 0.0, 0
     iteration = start
@@ -437,77 +653,102 @@ def train(
         total=trainer.iterations,
         initial=start,
         disable=not trainer.progress,
-        desc=f"{spec.model}-{spec.depth} seed {info.seed}",
+        desc=f"{spec.model}-{spec.depth} seed {','.join(map(str, seeds))}",
         unit="it",
         dynamic_ncols=True,
     )
     try:
         if start == 0:
             # The curves start at the untrained network, as the paper's figures do.
-            recorder.log(eval_line(0))
-        while iteration < trainer.iterations:
+            log_eval(0)
+        while iteration < trainer.iterations and any(r.status == "running" for r in runs):
             length = min(trainer.log_every, trainer.iterations - iteration)
-            fn = chunk_fn(length)
+            wait_before = batches.wait_s if batches is not None else 0.0
             t0 = time.perf_counter()
-            state, metrics = fn(state, train_data)
+            state, metrics = run_chunk(state, length)
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - t0
             train_time += elapsed
             train_images += length * trainer.batch_size
             iteration += length
-            losses = np.asarray(metrics["loss"], dtype=np.float64)
             line = {
                 "iteration": iteration,
                 "epoch": iteration / steps_per_epoch,
-                "lr": float(metrics["lr"][-1]),
-                "train_loss": float(losses.mean()),
-                "train_error": float(np.mean(metrics["error"])),
-                "images_per_sec": length * trainer.batch_size / elapsed,
+                "images_per_sec": length * trainer.batch_size * len(seeds) / elapsed,
             }
-            if not np.all(np.isfinite(losses)):
-                bad = int(np.argmax(~np.isfinite(losses)))
-                status = "diverged"
-                message = (
-                    f"non-finite training loss at iteration {iteration - length + bad + 1}; "
-                    "lower optim.lr or use a warm-up (optim.warmup_lr)"
-                )
-                recorder.log(line)
-                log.error("%s: %s", run_dir, message)
-                break
-            recorder.log(line)
+            if batches is not None:
+                # Share of the interval spent waiting for input: 0 means the host keeps up.
+                line["input_wait_fraction"] = (batches.wait_s - wait_before) / elapsed
+            done = iteration >= trainer.iterations
+            shown = None  # the progress bar shows the first seed still running
+            for k, run in enumerate(runs):
+                if run.status != "running":
+                    continue
+                losses = np.asarray(per_seed(metrics["loss"], k), dtype=np.float64)
+                seed_line = {
+                    **line,
+                    "lr": float(per_seed(metrics["lr"], k)[-1]),
+                    "train_loss": float(losses.mean()),
+                    "train_error": float(np.mean(per_seed(metrics["error"], k))),
+                }
+                run.recorder.log(seed_line)
+                shown = shown or seed_line
+                if not np.all(np.isfinite(losses)):
+                    bad = int(np.argmax(~np.isfinite(losses)))
+                    run.status = "diverged"
+                    run.message = (
+                        f"non-finite training loss at iteration {iteration - length + bad + 1}; "
+                        "lower optim.lr or use a warm-up (optim.warmup_lr)"
+                    )
+                    log.error("%s: %s", run.run_dir, run.message)
             bar.update(length)
             bar.set_postfix(
-                loss=f"{line['train_loss']:.3f}",
-                err=f"{line['train_error']:.3f}",
-                lr=f"{line['lr']:.3g}",
+                loss=f"{shown['train_loss']:.3f}",
+                err=f"{shown['train_error']:.3f}",
                 img_s=f"{line['images_per_sec']:.0f}",
             )
-            done = iteration >= trainer.iterations
             if iteration % trainer.eval_every == 0 or done:
-                recorder.log(eval_line(iteration))
+                log_eval(iteration)
             if iteration % trainer.checkpoint_every == 0 or done:
-                checkpointer.save(iteration, state)
+                for k, run in enumerate(runs):
+                    if run.status == "running":
+                        run.checkpointer.save(iteration, seed_state(state, k) if stacked else state)
     except BaseException as err:
-        status = "failed"
         message = f"{type(err).__name__}: {err}"
-        recorder.write_summary(
-            {**base_summary, "status": "failed", "iterations": iteration, "message": message}
-        )
+        for run in runs:
+            run.status, run.message = "failed", message
+            failed = {"status": "failed", "iterations": iteration, "message": message}
+            run.recorder.write_summary({**run.base_summary, **failed})
         raise
     finally:
         bar.close()
-        checkpointer.close()
+        if batches is not None:
+            batches.close()
+        for run in runs:
+            run.checkpointer.close()
 
-    summary = {**base_summary, "status": status, "message": message}
-    summary.update(_final_numbers(recorder.history, steps_per_epoch, iteration))
-    if status == "completed":
-        summary["final_train_loss"], summary["final_train_error"] = evaluate("train")
-    summary["compile_time_s"] = compile_time
-    summary["wall_time_s"] = wall_before + time.perf_counter() - t_start
-    summary["images_per_sec"] = train_images / train_time if train_time else None
-    recorder.write_summary(summary)
-    recorder.close()
-    return summary
+    final_train = evaluate("train") if stream is None and iteration >= trainer.iterations else None
+    summaries = []
+    for k, run in enumerate(runs):
+        if run.status == "running":
+            run.status = "completed"
+        summary = run.summary(iteration, steps_per_epoch)
+        if run.status == "completed" and final_train is not None:
+            summary["final_train_loss"], summary["final_train_error"] = final_train[k]
+        summary["compile_time_s"] = compile_time
+        summary["wall_time_s"] = run.wall_before + time.perf_counter() - t_start
+        # Per run: a program training k seeds delivers k times these images per second.
+        summary["images_per_sec"] = train_images / train_time if train_time else None
+        if batches is not None and train_time:
+            summary["input_wait_fraction"] = batches.wait_s / train_time
+        run.recorder.write_summary(summary)
+        run.recorder.close()
+        summaries.append(summary)
+    if not stacked:
+        return summaries[0]
+    statuses = {s["status"] for s in summaries}
+    status = "completed" if statuses == {"completed"} else "diverged"
+    return {"status": status, "seeds": seeds, "runs": summaries}
 
 
 def write_run_config(

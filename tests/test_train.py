@@ -24,6 +24,7 @@ DIGITS = DataConfig(name="digits", crop_padding=0, flip=False)
 QUICK = TrainerConfig(
     iterations=20, batch_size=32, log_every=5, eval_every=10, checkpoint_every=10, progress=False
 )
+QUICK_10 = TrainerConfig(**{**QUICK.__dict__, "iterations": 10})
 RECIPE = OptimConfig(lr=0.05, boundaries=(15,))
 
 
@@ -193,6 +194,41 @@ def test_eight_devices_match_one_device(tmp_path):
         _curve(tmp_path / "eight", "train_loss"), _curve(tmp_path / "one", "train_loss"), rtol=1e-4
     )
     np.testing.assert_allclose(eight["final_train_error"], one["final_train_error"], atol=2e-3)
+
+
+def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
+    from resnet_flax.runs import find_run_dirs, load_runs
+
+    group = TrainerConfig(**{**QUICK.__dict__, "vmap_seeds": 2, "iterations": 10})
+    result = train(tmp_path / "group", TINY, DIGITS, RECIPE, group, RunInfo("t", 4))
+    assert result["status"] == "completed" and result["seeds"] == [4, 5]
+    for seed in (4, 5):
+        separate = train(
+            tmp_path / f"alone{seed}", TINY, DIGITS, RECIPE, QUICK_10, RunInfo("t", seed)
+        )
+        run_dir = tmp_path / "group" / f"seed_{seed}"
+        summary = _assert_complete(run_dir)
+        assert summary["seed"] == seed and summary["vmap_seeds"] == 2
+        for key in ("train_loss", "test_error"):
+            np.testing.assert_allclose(
+                _curve(run_dir, key), _curve(tmp_path / f"alone{seed}", key), rtol=1e-4, atol=1e-6
+            )
+        assert summary["final_train_error"] == pytest.approx(
+            separate["final_train_error"], abs=2e-3
+        )
+    # the job directory is not a run; its seeds are
+    assert [p.name for p in find_run_dirs([tmp_path / "group"])] == ["seed_4", "seed_5"]
+    assert sorted(load_runs([tmp_path / "group"])["seed"]) == [4, 5]
+    # a longer rerun resumes both seeds from their common checkpoint
+    longer = TrainerConfig(**{**group.__dict__, "iterations": 20})
+    again = train(tmp_path / "group", TINY, DIGITS, RECIPE, longer, RunInfo("t", 4))
+    assert [r["iterations"] for r in again["runs"]] == [20, 20]
+    iterations = [
+        m["iteration"]
+        for m in read_metrics(tmp_path / "group" / "seed_5" / "metrics.jsonl")
+        if "lr" in m
+    ]
+    assert iterations == list(range(5, 21, 5))
 
 
 @pytest.mark.slow
