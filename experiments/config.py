@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from resnet_flax.architecture import ModelSpec, resolve
 from resnet_flax.data import DataConfig
 from resnet_flax.optim import SCHEDULES, OptimConfig
-from resnet_flax.train import ConfigError, RunInfo, TrainerConfig
+from resnet_flax.train import ConfigError, RunInfo, TrainerConfig, seed_run_dirs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Files that only Hydra writes before the job starts; a directory holding nothing else is no run.
@@ -134,16 +134,22 @@ def pin_gpu(job_num: int, lock_dir: Path) -> int | None:
     return index
 
 
-def completed_summary(run_dir: Path, trainer: TrainerConfig) -> dict | None:
-    """The summary of a run that already finished all its iterations (resumed sweeps skip it)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    done = summary.get("status") == "completed"
-    if done and int(summary.get("iterations") or 0) >= trainer.iterations:
-        return summary
-    return None
+def completed_summary(run_dir: Path, trainer: TrainerConfig, seed: int) -> dict | None:
+    """The summary of a job that already finished all its iterations (resumed sweeps skip it).
+
+    A job training several seeds together is finished when every seed's run is.
+    """
+    summaries = []
+    for seed_dir in seed_run_dirs(run_dir, [seed + k for k in range(trainer.vmap_seeds)]):
+        try:
+            summary = json.loads((seed_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        done = summary.get("status") == "completed"
+        if not (done and int(summary.get("iterations") or 0) >= trainer.iterations):
+            return None
+        summaries.append(summary)
+    return summaries[0] if len(summaries) == 1 else {"status": "completed", "runs": summaries}
 
 
 def remove_if_empty(run_dir: Path) -> None:

@@ -21,12 +21,13 @@ from experiments.config import (
     to_library,
 )
 from resnet_flax.architecture import SpecError
-from resnet_flax.data import DataError, load_dataset
+from resnet_flax.data import DataError
 from resnet_flax.train import (
     ConfigError,
     check_trainer,
     enable_compilation_cache,
     maybe_initialize_distributed,
+    open_data,
     train,
 )
 
@@ -42,7 +43,7 @@ def main(cfg: DictConfig) -> dict | None:
         pin_gpu(hc.job.num, Path(hc.sweep.dir) / ".gpu_locks")
     try:
         spec, data_cfg, optim, trainer, info = to_library(cfg)
-        finished = completed_summary(run_dir, trainer)
+        finished = completed_summary(run_dir, trainer, info.seed)
         if finished is not None:
             log.info("%s already completed %d iterations; skipping", run_dir, trainer.iterations)
             return finished
@@ -51,7 +52,7 @@ def main(cfg: DictConfig) -> dict | None:
         import jax  # only after pin_gpu (see the imports above)
 
         check_trainer(trainer, jax.device_count())
-        dataset = load_dataset(data_cfg)
+        dataset = open_data(data_cfg, trainer, info.seed)
         summary = train(run_dir, spec, data_cfg, optim, trainer, info, dataset=dataset)
     except (SpecError, DataError, ConfigError) as err:
         # One clear line instead of a traceback; nothing has compiled yet.

@@ -299,11 +299,20 @@ def test_pin_gpu_gives_each_worker_its_own_gpu(monkeypatch, tmp_path):
 
 def test_completed_summary_and_cleanup(tmp_path):
     trainer = TrainerConfig(iterations=10)
-    assert completed_summary(tmp_path, trainer) is None
+    assert completed_summary(tmp_path, trainer, 0) is None
     (tmp_path / "summary.json").write_text('{"status": "completed", "iterations": 10}')
-    assert completed_summary(tmp_path, trainer)["iterations"] == 10
+    assert completed_summary(tmp_path, trainer, 0)["iterations"] == 10
     (tmp_path / "summary.json").write_text('{"status": "running", "iterations": 10}')
-    assert completed_summary(tmp_path, trainer) is None
+    assert completed_summary(tmp_path, trainer, 0) is None
+    # seeds trained together: done when every seed_<s> directory is
+    group = TrainerConfig(iterations=10, vmap_seeds=2)
+    for seed in (3, 4):
+        (tmp_path / f"seed_{seed}").mkdir()
+        (tmp_path / f"seed_{seed}" / "summary.json").write_text(
+            '{"status": "completed", "iterations": 10}'
+        )
+    assert completed_summary(tmp_path, group, 3)["status"] == "completed"
+    assert completed_summary(tmp_path, group, 2) is None
 
     rejected = tmp_path / "job"
     (rejected / ".hydra").mkdir(parents=True)
