@@ -38,10 +38,36 @@ def visible_gpu_count() -> int:
     return max(1, sum(line.startswith("GPU ") for line in out.splitlines()))
 
 
+# Training-set sizes of the streamed datasets, for recipes counted in epochs (the in-memory
+# sets are counted in iterations, as the paper's CIFAR recipe is).
+TRAIN_IMAGES = {"imagenet2012": 1_281_167, "imagenette": 9_469}
+
+
+def epochs_to_iterations(epochs: float, dataset: str, batch_size: int) -> int:
+    """Iterations in `epochs` passes over a streamed dataset's training split."""
+    if dataset not in TRAIN_IMAGES:
+        raise ConfigError(
+            f"epoch-based recipes know the sizes of {', '.join(TRAIN_IMAGES)}; got {dataset!r}: "
+            "set trainer.iterations and optim.linear_warmup_iterations directly"
+        )
+    return max(1, round(float(epochs) * TRAIN_IMAGES[dataset] / int(batch_size)))
+
+
+def linear_scaled_lr(base_lr: float, batch_size: int) -> float:
+    """Goyal et al.'s linear scaling rule: base_lr per 256 images of the global batch."""
+    return float(base_lr) * int(batch_size) / 256
+
+
 def register_resolvers() -> None:
     """Resolvers the config tree uses (idempotent); must run before Hydra composes."""
-    if not OmegaConf.has_resolver("visible_gpu_count"):
-        OmegaConf.register_new_resolver("visible_gpu_count", visible_gpu_count)
+    resolvers = {
+        "visible_gpu_count": visible_gpu_count,
+        "epochs_to_iterations": epochs_to_iterations,
+        "linear_scaled_lr": linear_scaled_lr,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register_resolvers()

@@ -73,25 +73,31 @@ def _finite(value):
 class RunRecorder:
     """Appends metric lines to metrics.jsonl and TensorBoard; rewrites summary.json."""
 
-    def __init__(self, run_dir: Path, resume_from: int):
+    def __init__(self, run_dir: Path, resume_from: int, write: bool = True):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         # Lines past the checkpoint we resume from will be produced again: drop them.
         kept = [m for m in read_metrics(self.metrics_path) if m["iteration"] <= resume_from]
+        self.history = kept
+        # In a multi-host job every process keeps the history, one (process 0) writes files.
+        self.write = write
+        if not write:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(tmp, self.metrics_path)
-        self.history = kept
         self._file = self.metrics_path.open("a")
         self._events = EventFileWriter(str(self.run_dir))
 
     def log(self, line: dict) -> None:
         """Record one metrics line (must hold 'iteration' and 'epoch')."""
         line = {k: _finite(v) for k, v in line.items()}
+        self.history.append(line)
+        if not self.write:
+            return
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
-        self.history.append(line)
         values = [
             summary_pb2.Summary.Value(tag=k, simple_value=float(v))
             for k, v in line.items()
@@ -107,11 +113,15 @@ class RunRecorder:
 
     def write_summary(self, summary: dict) -> None:
         """Atomically replace summary.json."""
+        if not self.write:
+            return
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2) + "\n")
         os.replace(tmp, self.run_dir / "summary.json")
 
     def close(self) -> None:
         """Flush and close the files."""
+        if not self.write:
+            return
         self._file.close()
         self._events.close()

@@ -58,8 +58,8 @@ class TrainerConfig:
     # Seeds seed .. seed+vmap_seeds-1 trained as ONE compiled program (vmap over seeds), each
     # into run_dir/seed_<s>: small models leave a GPU idle, several seeds fill it.
     vmap_seeds: int = 1
-    # Device batches the host prepares ahead of the running step (streaming datasets).
-    prefetch: int = 2
+    # Batches copied to the devices ahead of the running step (streaming datasets).
+    device_prefetch: int = 2
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,10 @@ def check_trainer(cfg: TrainerConfig, num_devices: int) -> None:
     """Fail before any compile when intervals or batch sizes cannot work."""
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.log_every < 1:
         raise ConfigError("iterations, batch_size and log_every must be positive")
-    if cfg.vmap_seeds < 1 or cfg.prefetch < 1:
+    if cfg.vmap_seeds < 1 or cfg.device_prefetch < 1:
         raise ConfigError(
-            f"trainer.vmap_seeds and trainer.prefetch must be at least 1; "
-            f"got {cfg.vmap_seeds} and {cfg.prefetch}"
+            f"trainer.vmap_seeds and trainer.device_prefetch must be at least 1; "
+            f"got {cfg.vmap_seeds} and {cfg.device_prefetch}"
         )
     for name in ("eval_every", "checkpoint_every"):
         value = getattr(cfg, name)
@@ -527,7 +527,8 @@ def train(
     seeds, stream = prep.seeds, prep.stream
     stacked = len(seeds) > 1
     dirs = seed_run_dirs(run_dir, seeds)
-    if stacked:
+    writer = jax.process_index() == 0  # one process of a multi-host job writes the records
+    if stacked and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         marker = {"seeds": seeds, "run_dirs": [d.name for d in dirs]}
         (run_dir / SEED_GROUP_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -567,8 +568,9 @@ def train(
     runs = []
     for seed, d, ckpt in zip(seeds, dirs, checkpointers, strict=True):
         seed_info = dataclasses.replace(info, seed=seed)
-        recorder = RunRecorder(d, resume_from=start)
-        write_run_config(d, spec, data_cfg, optim, trainer, seed_info)
+        recorder = RunRecorder(d, resume_from=start, write=writer)
+        if writer:
+            write_run_config(d, spec, data_cfg, optim, trainer, seed_info)
         previous = _read_previous_summary(d)
         wall_before = previous.get("wall_time_s", 0.0) if start > 0 else 0.0
         run = SeedRun(seed_info, d, recorder, ckpt, {**common, "seed": seed}, wall_before)
@@ -593,7 +595,9 @@ def train(
             )
         else:
             loss, err = 0.0, 0
-            batches = DevicePrefetcher(stream.eval_batches(), batch_sharding, trainer.prefetch)
+            batches = DevicePrefetcher(
+                stream.eval_batches(), batch_sharding, trainer.device_prefetch
+            )
             try:
                 for x, y, valid in batches:
                     sums = fns.evaluate(
@@ -623,7 +627,9 @@ def train(
     compiled: dict[int, object] = {}
     batches = None
     if stream is not None:
-        batches = DevicePrefetcher(stream.train_batches(start), batch_sharding, trainer.prefetch)
+        batches = DevicePrefetcher(
+            stream.train_batches(start), batch_sharding, trainer.device_prefetch
+        )
 
     def run_chunk(state, length: int):
         """Train `length` steps: a compiled chunk over device data, or streamed batches."""

@@ -19,7 +19,12 @@ from resnet_flax.train import ConfigError, RunInfo, TrainerConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-CIFAR_PRESETS = [p for p in PRESETS if p.startswith(("he2015", "shortcut", "preact"))]
+IMAGENET_PRESETS = ("he2015_fig4", "resnet50_imagenet")
+CIFAR_PRESETS = [
+    p
+    for p in PRESETS
+    if p.startswith(("he2015", "shortcut", "preact")) and p not in IMAGENET_PRESETS
+]
 CIFAR10_TRAIN_SIZE = 50_000
 
 
@@ -166,10 +171,33 @@ def test_preset_composes_documents_its_command_and_every_job_is_valid(preset):
     cfg = make_cfg(f"experiment={preset}", hydra_cfg=True)
     assert cfg.experiment_name == preset
     jobs = sweep_jobs(cfg)
-    assert len(jobs) >= 2, "each preset defines its sweep in hydra.sweeper.params"
+    assert jobs and cfg.hydra.sweeper.params, "each preset defines its sweep"
     for job in jobs:
         spec = to_library(make_cfg(f"experiment={preset}", *job))[0]
         resolve(spec)
+
+
+def test_imagenet_presets_follow_their_recipes():
+    fig4 = make_cfg("experiment=he2015_fig4", hydra_cfg=True)
+    assert sorted(sweep_jobs(fig4)) == sorted(
+        [f"model={m}", f"depth={d}"] for m in ("plain", "residual") for d in (18, 34)
+    )
+    spec, data_cfg, optim, trainer, _ = to_library(make_cfg("experiment=he2015_fig4"))
+    assert (spec.family, spec.shortcut, data_cfg.name) == ("imagenet", "A", "imagenet2012")
+    assert data_cfg.augmentation == "scale" and data_cfg.image_size == 224
+    assert (trainer.batch_size, trainer.iterations) == (256, 600_000)
+    assert (optim.lr, optim.momentum, optim.weight_decay) == (0.1, 0.9, 1e-4)
+    assert optim.boundaries == (150_000, 300_000, 450_000)
+
+    spec, data_cfg, optim, trainer, _ = to_library(make_cfg("experiment=resnet50_imagenet"))
+    assert (spec.depth, spec.shortcut, spec.dtype) == (50, "B", "bfloat16")
+    assert trainer.iterations == round(100 * 1_281_167 / 256)  # 100 epochs
+    assert optim.schedule == "cosine" and optim.lr == pytest.approx(0.1)
+    assert optim.linear_warmup_iterations == round(5 * 1_281_167 / 256)
+    # linear scaling: the lr follows the global batch
+    bigger = to_library(make_cfg("experiment=resnet50_imagenet", "trainer.batch_size=1024"))
+    assert bigger[2].lr == pytest.approx(0.4)
+    assert bigger[3].iterations == round(100 * 1_281_167 / 1024)
 
 
 @pytest.mark.parametrize("preset", CIFAR_PRESETS)
