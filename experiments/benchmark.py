@@ -27,6 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-loops", nargs="+", default=["auto"], help="auto | scan | unroll")
     p.add_argument("--step-loop", default="auto", help="auto | scan | python")
     p.add_argument("--remat", action="store_true")
+    p.add_argument(
+        "--vmap-seeds",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="seeds trained as one program (images/s counts all seeds)",
+    )
     p.add_argument("--compile-only", action="store_true", help="measure compile time only")
     p.add_argument("--image-size", type=int, default=None, help="default: 32 or 224")
     p.add_argument("--steps", type=int, default=10, help="steps per compiled chunk")
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             args.precisions,
             args.conv_impls,
             args.stage_loops,
+            args.vmap_seeds,
         )
     )
     try:  # every choice is checked before anything compiles
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_flax.torch_baseline import time_torch_step, torch_available
 
     rows = []
-    for model, depth, batch, precision, impl, stage_loop in cases:
+    for model, depth, batch, precision, impl, stage_loop, seeds in cases:
         case = BenchCase(
             model,
             depth,
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             args.remat,
             stage_loop,
             args.step_loop,
+            seeds,
         )
         row = {"framework": "jax", **run_case(case, args.steps, args.repeats, args.compile_only)}
         print(json.dumps(row), flush=True)

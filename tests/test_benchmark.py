@@ -8,15 +8,18 @@ from experiments.benchmark import main
 def test_tiny_benchmark_writes_results(tmp_path):
     args = ["--models", "plain", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
     args += ["--steps", "2", "--repeats", "1", "--out", str(tmp_path), "--name", "tiny"]
+    args += ["--vmap-seeds", "1", "2"]
     assert main(args) == 0
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["command"].startswith("python -m experiments.benchmark")
-    (row,) = result["rows"]
+    row, two_seeds = result["rows"]
+    assert (row["vmap_seeds"], two_seeds["vmap_seeds"]) == (1, 2)
+    assert two_seeds["params"] == row["params"] and two_seeds["train_images_per_sec"] > 0
     assert row["model"] == "plain" and row["depth"] == 8 and row["params"] > 0
     assert row["compile_s"] > 0 and row["train_images_per_sec"] > 0
     assert row["eval_images_per_sec"] > 0 and row["host_peak_rss_bytes"] > 0
     table = (tmp_path / "tiny.md").read_text()
-    assert "| jax | plain | 8 | 8 | float32 |" in table
+    assert "| jax | plain | 8 | 8 | float32 |" in table and "| auto | 2 |" in table
 
 
 def test_benchmark_rejects_bad_depth_before_compiling(tmp_path, capsys):
