@@ -135,3 +135,16 @@ def test_report_no_published_numbers_for_other_dataset(tmp_path: Path) -> None:
     text = write_report(_load(tmp_path), tmp_path / "r.md").text
     assert "8.75" not in text and "6.97" not in text
     assert "no plain runs" in text
+
+
+def test_imagenet_report_puts_table_2_beside_ours(tmp_path: Path) -> None:
+    for model in ("plain", "residual"):
+        for depth, train in ((18, 0.30), (34, 0.33 if model == "plain" else 0.27)):
+            write_run(tmp_path, model, depth, 0, final_train=train, dataset="imagenet2012")
+    report = write_report(_load(tmp_path), tmp_path / "r.md")
+    text = report.text
+    assert "## Dataset: imagenet2012" in text
+    for published in ("27.94", "28.54", "27.88", "25.03"):  # Table 2, top-1 10-crop
+        assert published in text
+    assert "centre-crop error on the validation split" in text
+    assert report.verdicts["imagenet2012"].plain_degrades
