@@ -1,4 +1,8 @@
-"""In-memory datasets as uint8 arrays: TFDS image sets, scikit-learn's digits, a user's npz."""
+"""In-memory datasets as uint8 arrays: TFDS image sets, scikit-learn's digits, a user's npz.
+
+ImageNet-scale sets (imagenet2012, imagenette) do not fit in memory; they are streamed from
+TFDS by resnet_flax.streaming.open_stream, which reads the streaming fields of DataConfig.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import numpy as np
 TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
 LOCAL_DATASETS = ("digits", "npz")
 DATASETS = TFDS_DATASETS + LOCAL_DATASETS
+# Streamed from TFDS by resnet_flax.streaming (never loaded whole into memory).
+STREAMING_DATASETS = ("imagenet2012", "imagenette")
 NORMALIZATIONS = ("pixel_mean", "channel_std")
 # The validation split is always drawn with this seed, so every run of a sweep sees the same one.
 VALIDATION_SEED = 12345
@@ -33,6 +39,14 @@ class DataConfig:
     crop_padding: int = 4  # 0 disables random crops
     flip: bool = True
     download: bool = False
+    # --- streaming datasets only (resnet_flax.streaming); the in-memory sets ignore these ---
+    image_size: int = 224  # side of the square training / evaluation crops
+    augmentation: str = "random_resized_crop"  # random_resized_crop | scale (the paper's)
+    tfds_config: str | None = None  # builder config, e.g. imagenette's 320px-v2 (the default)
+    shuffle_buffer: int = 16 * 1024  # examples (still JPEG-encoded) in the shuffle buffer
+    num_parallel_calls: int = -1  # decode+augment threads; -1: tf.data.AUTOTUNE
+    prefetch: int = 2  # batches prepared ahead on the host
+    cache: bool = False  # keep the encoded JPEGs in host RAM after the first pass (small sets)
 
 
 @dataclass
@@ -210,8 +224,14 @@ def hold_out_validation(data: Dataset, size: int) -> Dataset:
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load the configured dataset into host memory, with its validation split if asked."""
+    if cfg.name in STREAMING_DATASETS:
+        raise DataError(
+            f"dataset {cfg.name!r} is streamed, not loaded into memory: "
+            "use resnet_flax.streaming.open_stream"
+        )
     if cfg.name not in DATASETS:
-        raise DataError(f"dataset must be one of {', '.join(DATASETS)}; got {cfg.name!r}")
+        valid = ", ".join(DATASETS + STREAMING_DATASETS)
+        raise DataError(f"dataset must be one of {valid}; got {cfg.name!r}")
     if cfg.normalization not in NORMALIZATIONS:
         raise DataError(
             f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {cfg.normalization!r}"

@@ -11,7 +11,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +30,8 @@ from resnet_flax.optim import OptimConfig, apply_lr, learning_rate, make_optimiz
 from resnet_flax.prefetch import DevicePrefetcher
 from resnet_flax.records import RunRecorder, git_commit, library_versions
 from resnet_flax.runs import SEED_GROUP_MARKER
+from resnet_flax.streaming import Stream, is_streaming, open_stream
 from resnet_flax.summary import count_params
-
-if TYPE_CHECKING:
-    from resnet_flax.streaming import Stream
 
 log = logging.getLogger(__name__)
 
@@ -367,13 +364,9 @@ def open_data(data_cfg: DataConfig, trainer: TrainerConfig, seed: int) -> Datase
 
     Either way this fails in seconds with a DataError (nothing has compiled yet).
     """
-    try:
-        from resnet_flax import streaming  # TEMP lazy until the module lands
-    except ImportError:
-        return load_dataset(data_cfg)
-    if streaming.is_streaming(data_cfg.name):
+    if is_streaming(data_cfg.name):
         eval_batch = global_eval_batch(trainer, jax.device_count())
-        return streaming.open_stream(data_cfg, trainer.batch_size, eval_batch, seed)
+        return open_stream(data_cfg, trainer.batch_size, eval_batch, seed)
     return load_dataset(data_cfg)
 
 
@@ -430,8 +423,9 @@ def prepare(
     schedule = make_schedule(optim, trainer.iterations)
     tx = make_optimizer(optim)
     seeds = [seed + k for k in range(num_seeds)]
-    # A stream orders its own data: the state carries no permutation.
-    order_len = 0 if streaming else n_train
+    # A stream orders its own data: the state's permutation is a placeholder (of length 1,
+    # as Orbax cannot save empty arrays).
+    order_len = 1 if streaming else n_train
     states = []
     for s in seeds:
         graphdef, state = initial_state(spec, s, tx, order_len)

@@ -231,6 +231,67 @@ def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
     assert iterations == list(range(5, 21, 5))
 
 
+@pytest.fixture(scope="module")
+def imagenette_dir(tmp_path_factory):
+    """A real TFDS imagenette/320px-v2 built from generated files in the original layout.
+
+    The builder's own code runs (download_and_extract patched to return a folder shaped
+    like imagenette2-320.tgz: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG), so the streamed
+    run reads real TFRecords exactly as it would after `tfds build imagenette`.
+    """
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenette")
+    source = root / "extracted"
+    wnids = ["n01440764", "n02102040", "n02979186"]
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 8), ("val", 4)):
+        for wnid in wnids:
+            folder = source / "imagenette2-320" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                size = (int(rng.integers(24, 48)), int(rng.integers(24, 48)))
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+    data_dir = root / "tfds"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(source)
+        )
+        tfds.builder("imagenette/320px-v2", data_dir=str(data_dir)).download_and_prepare()
+    return data_dir
+
+
+def test_streamed_imagenette_trains_records_and_resumes_exactly(tmp_path, imagenette_dir):
+    cfg = DataConfig(
+        name="imagenette", data_dir=str(imagenette_dir), image_size=16, shuffle_buffer=64
+    )
+    trainer = TrainerConfig(
+        iterations=6,
+        batch_size=8,
+        log_every=2,
+        eval_every=2,
+        checkpoint_every=2,
+        eval_batch_size=16,
+        progress=False,
+    )
+    first_half = TrainerConfig(**{**trainer.__dict__, "iterations": 4})
+    whole = train(tmp_path / "whole", TINY, cfg, RECIPE, trainer, RunInfo("t", 0))
+    train(tmp_path / "split", TINY, cfg, RECIPE, first_half, RunInfo("t", 0))
+    resumed = train(tmp_path / "split", TINY, cfg, RECIPE, trainer, RunInfo("t", 0))
+    assert whole["status"] == resumed["status"] == "completed"
+    assert whole["dataset"] == "imagenette" and whole["eval_split"] == "validation"
+    assert 0.0 <= whole["input_wait_fraction"] <= 1.0
+    assert whole.get("final_train_error") is None  # streamed sets are not re-scored whole
+    lines = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert [m["iteration"] for m in lines if "test_error" in m] == [0, 2, 4, 6]
+    assert all("input_wait_fraction" in m for m in lines if "train_loss" in m)
+    # 24 images, batch 8: three steps per epoch, so the resumed run crosses an epoch boundary
+    for key in ("train_loss", "test_error"):
+        assert _curve(tmp_path / "split", key) == _curve(tmp_path / "whole", key), key
+
+
 @pytest.mark.slow
 def test_residual_20_learns_digits_within_two_minutes(tmp_path):
     start = time.perf_counter()
