@@ -39,6 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="steps per compiled chunk")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch", action="store_true", help="also time PyTorch eager (CPU)")
+    p.add_argument(
+        "--input",
+        default=None,
+        metavar="DATASET",
+        help="also measure the streaming input pipeline of imagenet2012 | imagenette "
+        "(images/s delivered on this host, next to the training images/s)",
+    )
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir of --input")
+    p.add_argument("--augmentation", default="random_resized_crop", help="for --input")
+    p.add_argument("--input-batches", type=int, default=20, help="batches timed for --input")
     p.add_argument("--out", default=None, help="default: results/benchmarks/<device>/")
     p.add_argument("--name", default=None, help="file stem; default: a timestamp")
     return p.parse_args(argv)
@@ -78,10 +88,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from resnet_flax.benchmark import BenchCase, markdown_table, run_case
+    from resnet_flax.benchmark import BenchCase, input_row, markdown_table, run_case
+    from resnet_flax.data import DataError
     from resnet_flax.torch_baseline import time_torch_step, torch_available
 
     rows = []
+    if args.input:
+        try:  # a missing dataset fails here, before any compile
+            row = input_row(
+                args.input,
+                args.data_dir,
+                args.batch_sizes[0],
+                size,
+                args.augmentation,
+                args.input_batches,
+            )
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     for model, depth, batch, precision, impl, stage_loop, seeds in cases:
         case = BenchCase(
             model,

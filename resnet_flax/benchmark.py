@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -132,6 +133,32 @@ def run_case(
     }
 
 
+def input_row(
+    dataset: str,
+    data_dir: str | None,
+    batch_size: int,
+    image_size: int,
+    augmentation: str,
+    batches: int,
+) -> dict:
+    """Images/s the streaming input pipeline delivers on this host (decode + augment)."""
+    from resnet_flax.streaming import measure_input_throughput, open_stream
+
+    cfg = DataConfig(
+        name=dataset, data_dir=data_dir, image_size=image_size, augmentation=augmentation
+    )
+    stream = open_stream(cfg, batch_size, batch_size, seed=0)
+    return {
+        "framework": f"input pipeline ({augmentation})",
+        "model": dataset,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "host_cpus": os.cpu_count(),
+        "input_images_per_sec": measure_input_throughput(stream, batches),
+        **peak_memory_bytes(),
+    }
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The results as a Markdown table."""
     cols = [
@@ -147,6 +174,7 @@ def markdown_table(rows: list[dict]) -> str:
         ("compile_s", "compile s"),
         ("step_s", "step s"),
         ("train_images_per_sec", "train img/s"),
+        ("input_images_per_sec", "input img/s"),
         ("eval_images_per_sec", "eval img/s"),
         ("paper_run_estimate_min", "64k-iter run, min"),
         ("device_peak_bytes", "device peak MiB"),

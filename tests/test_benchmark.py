@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from experiments.benchmark import main
 
 
@@ -25,3 +27,25 @@ def test_tiny_benchmark_writes_results(tmp_path):
 def test_benchmark_rejects_bad_depth_before_compiling(tmp_path, capsys):
     assert main(["--depths", "57", "--out", str(tmp_path)]) == 2
     assert "6n+2" in capsys.readouterr().err
+
+
+def test_input_pipeline_throughput_next_to_training(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from resnet_flax.fake_data import build_fake_imagenette
+
+    data_dir = build_fake_imagenette(tmp_path / "tfds", 4, 1, size=(40, 48), classes=4)
+    args = ["--models", "plain", "--depths", "8", "--batch-sizes", "8", "--image-size", "16"]
+    args += ["--steps", "1", "--repeats", "1", "--out", str(tmp_path), "--name", "io"]
+    args += ["--input", "imagenette", "--data-dir", str(data_dir), "--input-batches", "2"]
+    assert main(args) == 0
+    pipeline, step = json.loads((tmp_path / "io.json").read_text())["rows"]
+    assert pipeline["framework"].startswith("input pipeline") and pipeline["model"] == "imagenette"
+    assert pipeline["input_images_per_sec"] > 0 and step["train_images_per_sec"] > 0
+    assert "input img/s" in (tmp_path / "io.md").read_text()
+
+
+def test_input_benchmark_without_the_dataset_fails_in_one_line(tmp_path, capsys):
+    pytest.importorskip("tensorflow_datasets")
+    args = ["--input", "imagenette", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "tfds build imagenette" in capsys.readouterr().err

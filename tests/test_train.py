@@ -233,34 +233,12 @@ def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
 
 @pytest.fixture(scope="module")
 def imagenette_dir(tmp_path_factory):
-    """A real TFDS imagenette/320px-v2 built from generated files in the original layout.
-
-    The builder's own code runs (download_and_extract patched to return a folder shaped
-    like imagenette2-320.tgz: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG), so the streamed
-    run reads real TFRecords exactly as it would after `tfds build imagenette`.
-    """
-    tfds = pytest.importorskip("tensorflow_datasets")
-    from PIL import Image
+    """A real TFDS imagenette/320px-v2 built by TFDS's builder from generated JPEGs."""
+    pytest.importorskip("tensorflow_datasets")
+    from resnet_flax.fake_data import build_fake_imagenette
 
     root = tmp_path_factory.mktemp("imagenette")
-    source = root / "extracted"
-    wnids = ["n01440764", "n02102040", "n02979186"]
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 8), ("val", 4)):
-        for wnid in wnids:
-            folder = source / "imagenette2-320" / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                size = (int(rng.integers(24, 48)), int(rng.integers(24, 48)))
-                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=90)
-    data_dir = root / "tfds"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(source)
-        )
-        tfds.builder("imagenette/320px-v2", data_dir=str(data_dir)).download_and_prepare()
-    return data_dir
+    return build_fake_imagenette(root, 8, 4, size=(36, 40), classes=3)
 
 
 def test_streamed_imagenette_trains_records_and_resumes_exactly(tmp_path, imagenette_dir):
