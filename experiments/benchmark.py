@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    import jax
+
+    # Compile times are measured cold: never read them from a persistent cache
+    # ($JAX_COMPILATION_CACHE_DIR, which `make` sets for training runs).
+    jax.config.update("jax_enable_compilation_cache", False)
     from resnet_flax.benchmark import BenchCase, input_row, markdown_table, run_case
     from resnet_flax.data import DataError
     from resnet_flax.torch_baseline import time_torch_step, torch_available
