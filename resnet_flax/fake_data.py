@@ -27,7 +27,7 @@ IMAGENETTE_WNIDS = (
     "n03417042",
     "n03425413",
     "n03445777",
-    "n03888605",
+    "n03888257",
 )
 # tfds_config -> the folder name inside the original archive.
 ARCHIVE_DIRS = {"320px-v2": "imagenette2-320", "160px-v2": "imagenette2-160"}

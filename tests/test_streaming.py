@@ -276,3 +276,10 @@ def test_load_dataset_points_streamed_sets_to_open_stream():
         load_dataset(DataConfig(name="imagenet2012"))
     with pytest.raises(DataError, match="svhn_cropped, digits, npz, imagenet2012, imagenette"):
         load_dataset(DataConfig(name="imagenet21k"))
+
+
+def test_generated_imagenette_uses_tfds_class_names():
+    from resnet_flax.fake_data import IMAGENETTE_WNIDS
+
+    names = tfds.core.tfds_path("image_classification/imagenette_labels.txt").read_text()
+    assert tuple(names.split()) == IMAGENETTE_WNIDS
