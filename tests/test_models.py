@@ -162,6 +162,30 @@ def test_scanned_stage_equals_sequential_blocks():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [2, 3])  # 2: one block after the first (no scan at all)
+def test_unrolled_stage_equals_scanned_stage_in_training(blocks):
+    from resnet_flax.architecture import StagePlan
+
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16))
+    results = {}
+    for loop in ("scan", "unroll"):
+        spec = ModelSpec(depth=20, stage_loop=loop)
+        stage = Stage(spec, "basic", 16, StagePlan(blocks, 16, 16, 1), nnx.Rngs(3))
+        graphdef, params, rest = nnx.split(stage, nnx.Param, ...)
+
+        def loss(p, graphdef=graphdef, rest=rest):
+            model = nnx.merge(graphdef, p, rest, copy=True)
+            out, responses = model(x, True)
+            return jnp.sum(out**2), (nnx.state(model, nnx.BatchStat), responses)
+
+        (value, (stats, responses)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results[loop] = (value, stats, responses, grads)
+    for a, b in zip(
+        jax.tree.leaves(results["scan"]), jax.tree.leaves(results["unroll"]), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_remat_gives_the_same_gradients():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
 
