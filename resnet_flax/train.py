@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -139,20 +140,21 @@ class Compiled:
         if self.step_loop == "scan":
             return self.train_chunk.lower(state, data, length).compile()
         step = self.compile_step(state, data)
-
-        def run(state, data):
-            metrics = []
-            for _ in range(length):
-                state, m = step(state, data)
-                metrics.append(m)
-            return state, stack_metrics(metrics)
-
-        return run
+        return lambda state, data: run_steps(step, state, itertools.repeat(data, length))
 
 
-def stack_metrics(metrics: list[dict]) -> dict:
-    """Per-step metric dicts stacked into arrays with a leading step axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+def stack_trees(trees: list) -> object:
+    """Pytrees of one structure stacked leaf by leaf on a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def run_steps(step, state, inputs) -> tuple[dict, dict]:
+    """Apply a compiled step once per input; per-step metrics stacked on a leading axis."""
+    metrics = []
+    for data in inputs:
+        state, m = step(state, data)
+        metrics.append(m)
+    return state, stack_trees(metrics)
 
 
 def build_functions(
@@ -332,9 +334,7 @@ def initial_state(spec: ModelSpec, seed: int, tx, n_train: int) -> tuple[object,
 def stack_seeds(states: list[dict]) -> dict:
     """Per-seed states stacked on a leading axis (the step count stays shared)."""
     return {
-        k: states[0][k]
-        if SEED_AXES[k] is None
-        else jax.tree.map(lambda *xs: jnp.stack(xs), *(s[k] for s in states))
+        k: states[0][k] if SEED_AXES[k] is None else stack_trees([s[k] for s in states])
         for k in STATE_KEYS
     }
 
@@ -641,17 +641,13 @@ def train(
                 compiled[length] = fns.compile_chunk(length, state, prep.train_data)
                 compile_time += time.perf_counter() - t0
             return compiled[length](state, prep.train_data)
-        metrics = []
-        for _ in range(length):
-            x, y = next(batches)
-            data_args = (x, y, *stream_stats)
-            if "step" not in compiled:
-                t0 = time.perf_counter()
-                compiled["step"] = fns.compile_step(state, data_args)
-                compile_time += time.perf_counter() - t0
-            state, m = compiled["step"](state, data_args)
-            metrics.append(m)
-        return state, stack_metrics(metrics)
+        inputs = ((x, y, *stream_stats) for x, y in itertools.islice(batches, length))
+        first = next(inputs)  # the compiled step needs one batch's shapes
+        if "step" not in compiled:
+            t0 = time.perf_counter()
+            compiled["step"] = fns.compile_step(state, first)
+            compile_time += time.perf_counter() - t0
+        return run_steps(compiled["step"], state, itertools.chain([first], inputs))
 
     t_start = time.perf_counter()
     train_time, train_images = 0.0, 0
@@ -683,7 +679,8 @@ def train(
             line = {
                 "iteration": iteration,
                 "epoch": iteration / steps_per_epoch,
-                "images_per_sec": length * trainer.batch_size * len(seeds) / elapsed,
+                # Per run, as in summary.json: k seeds in one program process k times this.
+                "images_per_sec": length * trainer.batch_size / elapsed,
             }
             if batches is not None:
                 # Share of the interval spent waiting for input: 0 means the host keeps up.
