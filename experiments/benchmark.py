@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from resnet_flax.architecture import ModelSpec, SpecError, resolve
+from resnet_flax.cpu_devices import CpuDevicesError, cpu_device_count, use_cpu_devices
 from resnet_flax.records import git_commit, library_versions
 
 
@@ -33,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=[1],
         help="seeds trained as one program (images/s counts all seeds)",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        default="auto",
+        help="CPU only: XLA devices the host is split into, the batch sharded over them "
+        "(auto: one per core; 1: a single device using every core through XLA's thread pool)",
     )
     p.add_argument("--compile-only", action="store_true", help="measure compile time only")
     p.add_argument("--image-size", type=int, default=None, help="default: 32 or 224")
@@ -84,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every choice is checked before anything compiles
         for model, depth, *_ in cases:
             resolve(ModelSpec(model=model, depth=depth, family=args.family))
-    except SpecError as err:
+        use_cpu_devices(cpu_device_count(args.cpu_devices, args.batch_sizes))
+    except (SpecError, CpuDevicesError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

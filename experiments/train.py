@@ -12,7 +12,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # Importing the library imports JAX but does not start its backend; that first happens in
-# jax.devices() below, after pin_gpu has set CUDA_VISIBLE_DEVICES for this worker.
+# jax.devices() below, after pin_gpu has set CUDA_VISIBLE_DEVICES for this worker and
+# use_cpu_devices has split the CPU into devices.
 from experiments.config import (
     compilation_cache_dir,
     completed_summary,
@@ -21,6 +22,7 @@ from experiments.config import (
     to_library,
 )
 from resnet_flax.architecture import SpecError
+from resnet_flax.cpu_devices import CpuDevicesError, cpu_device_count, use_cpu_devices
 from resnet_flax.data import DataError
 from resnet_flax.train import (
     ConfigError,
@@ -47,6 +49,7 @@ def main(cfg: DictConfig) -> dict | None:
         if finished is not None:
             log.info("%s already completed %d iterations; skipping", run_dir, trainer.iterations)
             return finished
+        use_cpu_devices(cpu_device_count(cfg.cpu_devices, [trainer.batch_size]))
         enable_compilation_cache(compilation_cache_dir(cfg))
         maybe_initialize_distributed()
         import jax  # only after pin_gpu (see the imports above)
@@ -54,7 +57,7 @@ def main(cfg: DictConfig) -> dict | None:
         check_trainer(trainer, jax.device_count())
         dataset = open_data(data_cfg, trainer, info.seed)
         summary = train(run_dir, spec, data_cfg, optim, trainer, info, dataset=dataset)
-    except (SpecError, DataError, ConfigError) as err:
+    except (SpecError, DataError, ConfigError, CpuDevicesError) as err:
         # One clear line instead of a traceback; nothing has compiled yet.
         print(f"error: {err}", file=sys.stderr)
         remove_if_empty(run_dir)

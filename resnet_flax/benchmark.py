@@ -171,6 +171,7 @@ def markdown_table(rows: list[dict]) -> str:
         ("stage_loop", "stages"),
         ("step_loop", "steps"),
         ("vmap_seeds", "seeds"),
+        ("device_count", "devices"),
         ("compile_s", "compile s"),
         ("step_s", "step s"),
         ("train_images_per_sec", "train img/s"),

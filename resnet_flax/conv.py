@@ -99,57 +99,6 @@ def _materialize(x: jax.Array) -> jax.Array:
     )
 
 
-def _phase_taps(
-    size: int, k: int, s: int, pad: tuple[int, int]
-) -> list[tuple[int, int, int, int]] | None:
-    """Per output phase p of one spatial dim: (first tap r, tap count, lo pad, hi pad).
-
-    Input row i = s*q + p receives dy[o] * w[k'] for s*o - lo + k' = i, so only the taps
-    k' = s*m + r with r = (p + lo) mod s; that sum is a stride-1 correlation of dy with
-    those taps reversed. None when a phase has no tap or needs a negative pad.
-    """
-    lo, hi = pad
-    if size % s:
-        return None
-    out, q_len = [], size // s
-    d_len = (size + lo + hi - k) // s + 1
-    for p in range(s):
-        r = (p + lo) % s
-        m = -(-(k - r) // s)
-        lo_pad = (m - 1) - (p + lo - r) // s
-        hi_pad = q_len - d_len - lo_pad + m - 1
-        if m < 1 or lo_pad < 0 or hi_pad < 0:
-            return None
-        out.append((r, m, lo_pad, hi_pad))
-    return out
-
-
-def _dx_polyphase(dy, w, x_shape, strides, pads, precision):
-    """Input gradient of a strided conv as s*s stride-1 convs, one per input phase, or None.
-
-    XLA computes it as one convolution of the zero-dilated dy, which wastes (s*s-1)/s*s of
-    its multiplications on zeros: 12-15 -> 6-9 ms for the 3x3 s2 16->32 layer at 32x32
-    (batch 128, 2 cores); about even for 32->64 at 16x16.
-    """
-    if tuple(strides) == (1, 1):
-        return None
-    rows = _phase_taps(x_shape[1], w.shape[0], strides[0], pads[0])
-    cols = _phase_taps(x_shape[2], w.shape[1], strides[1], pads[1])
-    if rows is None or cols is None:
-        return None
-    sh, sw = strides
-    # (kh, kw, cin, cout) -> taps reversed and in/out swapped: a kernel from dy to x.
-    wt = jnp.swapaxes(w, 2, 3)
-    phases = []
-    for r_a, m_a, lo_a, hi_a in rows:
-        row = []
-        for r_b, m_b, lo_b, hi_b in cols:
-            taps = wt[r_a : r_a + sh * m_a : sh, r_b : r_b + sw * m_b : sw][::-1, ::-1]
-            row.append(_conv(dy, taps, (1, 1), ((lo_a, hi_a), (lo_b, hi_b)), precision))
-        phases.append(jnp.stack(row, axis=3))  # (n, qh, qw, phase_w, cin)
-    return jnp.stack(phases, axis=2).reshape(x_shape)  # (n, qh, phase_h, qw, phase_w, cin)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _fast_conv(x, w, strides, pads, precision):
     return _conv(x, w, strides, pads, precision)
@@ -161,14 +110,15 @@ def _fast_conv_fwd(x, w, strides, pads, precision):
 
 def _fast_conv_bwd(strides, pads, precision, res, dy):
     x, w = res
-    # dX: XLA's own transpose (a conv with the flipped kernel) for stride 1; the im2col
-    # matmul dy @ W^T plus col2im was 4-10x slower. Strided: one stride-1 conv per phase.
-    dx = _dx_polyphase(dy, w, x.shape, strides, pads, precision)
-    if dx is None:
-        (dx,) = jax.linear_transpose(
-            lambda x_: _conv(x_, w, strides, pads, precision),
-            jax.ShapeDtypeStruct(x.shape, x.dtype),
-        )(dy)
+    # dX: XLA's own transpose (a conv with the flipped kernel); the im2col matmul dy @ W^T
+    # plus col2im was 4-10x slower. For strided convs, one stride-1 conv per input phase
+    # (skipping the zeros of the dilated dy) was faster with XLA's multi-threaded convs but
+    # slower on the single-threaded devices of resnet_flax.cpu_devices (3x3 s2, batch 64:
+    # 16->32 at 32x32 5.2 vs 4.4 ms, 32->64 at 16x16 2.4 vs 1.4 ms; ResNet-20 step
+    # ~0.40 -> ~0.38 s without it), so it was removed.
+    (dx,) = jax.linear_transpose(
+        lambda x_: _conv(x_, w, strides, pads, precision), jax.ShapeDtypeStruct(x.shape, x.dtype)
+    )(dy)
     # dW: XLA's kernel-gradient conv is fast once its input is materialised (see
     # _materialize); one im2col matmul or k*k shifted matmuls were 2-6x slower on CPU.
     xm = _materialize(x)

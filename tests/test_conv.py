@@ -188,30 +188,3 @@ def test_batch_sharded_jit():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok 4" in out.stdout
-
-
-@pytest.mark.parametrize(
-    "shape,k,strides,pads,used",
-    [
-        ((2, 8, 8, 4), 3, (2, 2), ((1, 1), (1, 1)), True),
-        ((2, 8, 8, 4), 3, (2, 2), ((0, 1), (0, 1)), True),  # SAME
-        ((2, 8, 12, 4), 3, (2, 1), ((1, 1), (1, 1)), True),
-        ((2, 16, 16, 3), 7, (2, 2), ((3, 3), (3, 3)), True),
-        ((2, 12, 12, 3), 3, (3, 3), ((1, 1), (1, 1)), False),  # a negative pad
-        ((2, 8, 8, 4), 1, (2, 2), ((0, 0), (0, 0)), False),  # a phase with no tap
-        ((2, 7, 9, 3), 3, (2, 2), ((1, 1), (1, 1)), False),  # odd sizes
-        ((2, 8, 8, 4), 3, (1, 1), ((1, 1), (1, 1)), False),  # stride 1: XLA's own
-    ],
-)
-def test_polyphase_input_gradient(shape, k, strides, pads, used):
-    """The per-phase input gradient equals autodiff of the plain conv wherever it applies."""
-    from resnet_flax.conv import _dx_polyphase
-
-    x, w, seed = _data(shape, k, 5)
-    f = lambda x: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
-    y, vjp = jax.vjp(f, x)
-    dy = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(y.shape, np.float32))
-    got = _dx_polyphase(dy, w, x.shape, strides, pads, None)
-    assert (got is not None) == used
-    if used:
-        _assert_close([got], list(vjp(dy)))

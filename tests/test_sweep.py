@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from resnet_flax.cpu_devices import cpu_device_count
 from resnet_flax.runs import parse_override_dirname
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,12 @@ def error_lines(stderr: str) -> list[str]:
         pytest.param(["model=dense"], "model must be one of", marks=pytest.mark.slow, id="model"),
         pytest.param(
             ["dataset=npz"], "dataset=npz needs dataset.path", marks=pytest.mark.slow, id="npz"
+        ),
+        pytest.param(
+            ["cpu_devices=3"],
+            "cpu_devices=3 does not divide the batch size 128",
+            marks=pytest.mark.slow,
+            id="cpu_devices",
         ),
     ],
 )
@@ -106,6 +113,8 @@ def check_sweep(sweep_dir: Path) -> None:
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed", summary
         assert summary["iterations"] == 4 and summary["dataset"] == "digits"
+        # cpu_devices=auto: the host is split into one device per core (batch 128 allowing).
+        assert summary["device_count"] == cpu_device_count("auto", [128])
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert any("train_error" in x for x in lines) and any("test_error" in x for x in lines)
         config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())

@@ -1,0 +1,87 @@
+"""Split the host CPU into one single-threaded XLA device per core, for data parallelism."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import jax
+
+log = logging.getLogger(__name__)
+
+# Measured on 2 cores (ResNet-20, batch 128, 32x32, one training step): one CPU device with
+# XLA's Eigen thread pool 0.59 s; two devices splitting the batch, each running its program
+# on one thread, 0.41-0.46 s (PyTorch eager 0.37 s). One XLA:CPU program leaves a core idle
+# in every op that does not parallelise internally (most fusions, small convolutions);
+# two programs keep both busy. The math is unchanged: the batch axis is sharded and XLA
+# reduces BatchNorm statistics and gradients over the whole batch.
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_SINGLE_THREAD_FLAG = "--xla_cpu_multi_thread_eigen=false"
+
+
+class CpuDevicesError(ValueError):
+    """A CPU device count that cannot be used."""
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which respects cgroup pinning)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity mask
+        return os.cpu_count() or 1
+
+
+def cpu_device_count(requested: int | str, batch_sizes: Iterable[int]) -> int:
+    """How many CPU devices to create: an explicit count, or 'auto'.
+
+    'auto' is the largest count not above the usable cores that divides every batch size
+    (the global batch is split evenly over the devices).
+    """
+    sizes = [int(b) for b in batch_sizes]
+    if requested == "auto":
+        return max(d for d in range(1, usable_cores() + 1) if all(b % d == 0 for b in sizes))
+    try:
+        count = int(requested)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise CpuDevicesError(
+            f"cpu_devices must be 'auto' or a positive integer; got {requested!r}"
+        )
+    bad = [b for b in sizes if b % count]
+    if bad:
+        raise CpuDevicesError(
+            f"cpu_devices={count} does not divide the batch size {bad[0]}: choose a divisor "
+            f"of it, or cpu_devices=auto"
+        )
+    return count
+
+
+def use_cpu_devices(count: int) -> bool:
+    """Create `count` CPU devices, each single-threaded, before JAX runs anything.
+
+    Returns whether the process has them. Changes nothing when `count` is 1 or when XLA_FLAGS
+    already sets a host device count (e.g. the 8 simulated devices of the sharding tests).
+    GPU and TPU runs are unaffected: their devices stay the default ones. In a process where
+    JAX has already started (several jobs of one Hydra sweep in one process) the devices it
+    has are kept and a different request is logged.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count <= 1 or _DEVICE_COUNT_FLAG in flags:
+        return False
+    if jax.config.jax_num_cpu_devices == count:
+        return True
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backend already started with another count
+        log.warning(
+            "JAX already runs with %d CPU devices in this process; cpu_devices=%d is ignored",
+            len(jax.devices("cpu")),
+            count,
+        )
+        return False
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        # XLA reads XLA_FLAGS when its CPU backend starts, which has not happened yet.
+        os.environ["XLA_FLAGS"] = f"{flags} {_SINGLE_THREAD_FLAG}".strip()
+    return True
