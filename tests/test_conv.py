@@ -28,6 +28,11 @@ CASES = [
     ((2, 7, 9, 4), 1, 6, (2, 2), ((0, 0), (0, 0))),
     ((2, 16, 16, 3), 7, 8, (2, 2), ((3, 3), (3, 3))),
     ((2, 11, 13, 3), 7, 8, (2, 2), ((3, 3), (3, 3))),
+    # maps smaller than the kernel: computed as one matmul of patches
+    ((2, 2, 2, 4), 3, 5, (1, 1), ((1, 1), (1, 1))),
+    ((2, 1, 1, 4), 3, 5, (1, 1), "SAME"),
+    ((2, 2, 3, 4), 3, 6, (2, 2), ((1, 1), (1, 1))),
+    ((2, 2, 2, 4), 3, 6, (2, 2), "SAME"),
 ]
 IDS = [
     f"{c[0][1]}x{c[0][2]}-k{c[1]}-s{c[3][0]}-{c[4] if isinstance(c[4], str) else 'pad'}"
@@ -63,11 +68,17 @@ def test_matches_lax_forward_and_gradients(shape, k, cout, strides, padding):
     want = run(lax.conv_general_dilated, x, w, strides, padding, kd)
     got = run(conv_general_dilated, x, w, strides, padding, kd)
     _assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # The fast path (a custom VJP) is really the one taken.
-    jaxpr = jax.make_jaxpr(
-        lambda x, w: conv_general_dilated(x, w, strides, padding, None, None, DN)
+    # The fast path is really the one taken: a custom VJP, or a matmul for maps smaller
+    # than the kernel.
+    jaxpr = str(
+        jax.make_jaxpr(lambda x, w: conv_general_dilated(x, w, strides, padding, None, None, DN))(
+            x, w
+        )
     )
-    assert "custom_vjp_call" in str(jaxpr(x, w))
+    if shape[1] < k or shape[2] < k:
+        assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+    else:
+        assert "custom_vjp_call" in jaxpr
 
 
 def test_bf16_within_tolerance():

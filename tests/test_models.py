@@ -9,7 +9,14 @@ import pytest
 from flax import nnx
 
 from resnet_flax.architecture import ModelSpec, SpecError, resolve
-from resnet_flax.models import Block, Stage, abstract_model, build_model, flatten_responses
+from resnet_flax.models import (
+    Block,
+    ResNet,
+    Stage,
+    abstract_model,
+    build_model,
+    flatten_responses,
+)
 from resnet_flax.summary import count_params, summarize
 
 CIFAR_PARAMS = {
@@ -200,3 +207,17 @@ def test_remat_gives_the_same_gradients():
 
     for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_initialisation_draws_the_op_by_op_parameters():
+    # build_model draws every parameter in one compiled program; op by op is the reference.
+    spec = ModelSpec(model="preact", depth=14, in_channels=1)
+    compiled = nnx.state(build_model(spec, seed=3))
+    eager = nnx.state(ResNet(resolve(spec), rngs=nnx.Rngs(3)))
+    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+    for got, want in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    other = nnx.state(build_model(spec, seed=4))
+    pairs = zip(jax.tree.leaves(other), jax.tree.leaves(compiled), strict=True)
+    assert not all(np.array_equal(a, b) for a, b in pairs)
