@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +249,6 @@ def build_functions(
         return jax.lax.scan(lambda s, _: step(s, data), state, length=length)
 
     train_step = jax.jit(step, donate_argnums=(0,))
-    eval_batch = trainer.eval_batch_size
 
     def eval_sums(params, batch_stats, x, y, valid, mean, std):
         """Summed loss and number of errors over the valid rows of one evaluation batch."""
@@ -257,26 +257,13 @@ def build_functions(
         wrong = jnp.argmax(logits, -1) != y
         return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid & wrong)
 
-    def evaluate_split(params, batch_stats, x_all, y_all, mean, std):
-        n = x_all.shape[0]
-        num_batches = -(-n // eval_batch)
-
-        def body(carry, b):
-            idx = b * eval_batch + jnp.arange(eval_batch)
-            valid = idx < n
-            idx = jax.lax.with_sharding_constraint(jnp.minimum(idx, n - 1), batch_sharding)
-            loss, wrong = eval_sums(params, batch_stats, x_all[idx], y_all[idx], valid, mean, std)
-            return (carry[0] + loss, carry[1] + wrong), None
-
-        (loss_sum, wrong), _ = jax.lax.scan(
-            body, (jnp.float32(0.0), jnp.int32(0)), jnp.arange(num_batches)
-        )
-        return loss_sum / n, wrong / n
-
-    evaluate = eval_sums if streaming else evaluate_split
+    # One evaluation program for every split and data source: batches of a fixed shape come
+    # from the host (evaluate_batches), so it compiles once per run. A scan over a whole
+    # device-resident split compiled once per split size (test, train, val): one extra
+    # forward compile per run, ~10 s of ResNet-56's 43 s in the digits demo.
+    evaluate = eval_sums
     if num_seeds > 1:
-        n_data_args = 5 if streaming else 4
-        evaluate = jax.vmap(evaluate, in_axes=(0, 0) + (None,) * n_data_args)
+        evaluate = jax.vmap(evaluate, in_axes=(0, 0) + (None,) * 5)
     return Compiled(train_step, train_chunk, jax.jit(evaluate), resolve_loop(trainer.step_loop))
 
 
@@ -354,9 +341,52 @@ def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
     return [Path(run_dir) / f"seed_{s}" for s in seeds]
 
 
-def global_eval_batch(trainer: TrainerConfig, num_devices: int) -> int:
-    """The evaluation batch rounded up to a multiple of the device count."""
-    return math.ceil(trainer.eval_batch_size / num_devices) * num_devices
+def global_eval_batch(
+    trainer: TrainerConfig, num_devices: int, smallest_split: int | None = None
+) -> int:
+    """The evaluation batch rounded up to a multiple of the device count.
+
+    With `smallest_split`, no larger than that split (so rounded up): a 360-image test set
+    is not padded to a batch of 1,000.
+    """
+    batch = trainer.eval_batch_size
+    if smallest_split is not None:
+        batch = min(batch, smallest_split)
+    return math.ceil(batch / num_devices) * num_devices
+
+
+def array_eval_batches(
+    x: np.ndarray, y: np.ndarray, batch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """This process's rows of each global evaluation batch of in-memory arrays, with a mask.
+
+    The last batch is padded (mask False) to the full size, so every batch has one shape.
+    """
+    n, local = len(x), batch // jax.process_count()
+    first = jax.process_index() * local
+    for start in range(0, n, batch):
+        rows = np.arange(start + first, start + first + local)
+        valid = rows < n
+        rows = np.minimum(rows, n - 1)
+        yield x[rows], y[rows], valid
+
+
+def evaluate_batches(
+    evaluate: Callable, state: dict, batches: Iterable, n: int, sharding, prefetch: int, stats
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean loss and error (per seed when vmapped) over host batches (x, y, mask) of n rows.
+
+    The batches are copied to the devices `prefetch` ahead of the compiled evaluation.
+    """
+    loss, wrong = 0.0, 0
+    on_device = DevicePrefetcher(iter(batches), sharding, prefetch)
+    try:
+        for x, y, valid in on_device:
+            sums = evaluate(state["params"], state["batch_stats"], x, y, valid, *stats)
+            loss, wrong = loss + np.asarray(sums[0]), wrong + np.asarray(sums[1])
+    finally:
+        on_device.close()
+    return loss / n, wrong / n
 
 
 def open_data(data_cfg: DataConfig, trainer: TrainerConfig, seed: int) -> Dataset | Stream:
@@ -418,7 +448,10 @@ def prepare(
             f"the training split has {n_train} images, fewer than batch_size {trainer.batch_size}"
         )
     steps_per_epoch = n_train // trainer.batch_size
-    trainer = dataclasses.replace(trainer, eval_batch_size=global_eval_batch(trainer, mesh.size))
+    splits = [] if streaming else [data.x_train, data.x_test, data.x_val]
+    smallest = min((len(x) for x in splits if x is not None), default=None)
+    eval_batch = global_eval_batch(trainer, mesh.size, smallest)
+    trainer = dataclasses.replace(trainer, eval_batch_size=eval_batch)
 
     schedule = make_schedule(optim, trainer.iterations)
     tx = make_optimizer(optim)
@@ -440,16 +473,8 @@ def prepare(
         layout = {"streaming": True, "steps_per_epoch": steps_per_epoch, "n_train": n_train}
     else:
         mean, std = aug.normalization_stats(data.x_train, data_cfg.normalization)
-        arrays = {
-            "x_train": data.x_train,
-            "y_train": data.y_train,
-            "x_test": data.x_test,
-            "y_test": data.y_test,
-            "mean": mean,
-            "std": std,
-        }
-        if data.x_val is not None:
-            arrays.update(x_val=data.x_val, y_val=data.y_val)
+        # Only the training set lives on the devices: evaluation batches come from the host.
+        arrays = {"x_train": data.x_train, "y_train": data.y_train, "mean": mean, "std": std}
         layout = {
             "streaming": False,
             "steps_per_epoch": steps_per_epoch,
@@ -586,28 +611,13 @@ def train(
     def evaluate(split: str) -> list[tuple[float, float]]:
         """(loss, error) of every seed on a split."""
         if stream is None:
-            loss, err = fns.evaluate(
-                state["params"],
-                state["batch_stats"],
-                on_device[f"x_{split}"],
-                on_device[f"y_{split}"],
-                on_device["mean"],
-                on_device["std"],
-            )
+            x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+            batches, n = array_eval_batches(x, y, trainer.eval_batch_size), len(x)
         else:
-            loss, err = 0.0, 0
-            batches = DevicePrefetcher(
-                stream.eval_batches(), batch_sharding, trainer.device_prefetch
-            )
-            try:
-                for x, y, valid in batches:
-                    sums = fns.evaluate(
-                        state["params"], state["batch_stats"], x, y, valid, *stream_stats
-                    )
-                    loss, err = loss + np.asarray(sums[0]), err + np.asarray(sums[1])
-            finally:
-                batches.close()
-            loss, err = loss / stream.n_eval, err / stream.n_eval
+            batches, n = stream.eval_batches(), stream.n_eval
+        loss, err = evaluate_batches(
+            fns.evaluate, state, batches, n, batch_sharding, trainer.device_prefetch, stream_stats
+        )
         return [(float(per_seed(loss, k)), float(per_seed(err, k))) for k in range(len(seeds))]
 
     def log_eval(iteration: int) -> None:

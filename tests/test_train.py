@@ -291,3 +291,55 @@ def test_residual_20_learns_digits_within_two_minutes(tmp_path):
     )
     assert time.perf_counter() - start < 120
     assert summary["final_train_error"] < 0.05
+
+
+def test_array_eval_batches_cover_every_row_once_in_one_shape(monkeypatch):
+    import jax
+
+    from resnet_flax.train import array_eval_batches
+
+    x, y = np.arange(10)[:, None] * np.ones((1, 3)), np.arange(10)
+    batches = list(array_eval_batches(x, y, 4))
+    assert [b[0].shape for b in batches] == [(4, 3)] * 3
+    rows = np.concatenate([b[1][b[2]] for b in batches])
+    assert sorted(rows) == list(range(10)) and sum(b[2].sum() for b in batches) == 10
+    # two processes: each gets its half of every global batch; together every row once
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    seen = []
+    for p in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        local = list(array_eval_batches(x, y, 4))
+        assert [b[0].shape for b in local] == [(2, 3)] * 3
+        seen += [r for b in local for r in b[1][b[2]]]
+    assert sorted(seen) == list(range(10))
+
+
+def test_evaluation_compiles_once_for_every_split_and_matches_a_full_forward():
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from resnet_flax import augment as aug
+    from resnet_flax.data import load_dataset
+    from resnet_flax.train import array_eval_batches, evaluate_batches, prepare
+
+    data = load_dataset(DIGITS)
+    prep = prepare(TINY, data, DIGITS, RECIPE, QUICK, seed=0)
+    # the 360-image test set sets the batch: no batch of 1,000 mostly padding
+    assert prep.trainer.eval_batch_size == len(data.x_test) == 360
+    sharding = NamedSharding(prep.mesh, P("data"))
+    stats = (prep.on_device["mean"], prep.on_device["std"])
+    model = nnx.merge(prep.graphdef, prep.state["params"], prep.state["batch_stats"])
+    model.eval()
+    for split in ("test", "train"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        batches = array_eval_batches(x, y, prep.trainer.eval_batch_size)
+        loss, error = evaluate_batches(
+            prep.fns.evaluate, prep.state, batches, len(x), sharding, 2, stats
+        )
+        logits = model(aug.normalize(jax.numpy.asarray(x), *stats))
+        assert float(error) == pytest.approx(float(np.mean(np.argmax(logits, -1) != y)), abs=1e-6)
+        want = float(np.mean(jax.nn.logsumexp(logits, -1) - logits[np.arange(len(y)), y]))
+        assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert prep.fns.evaluate._cache_size() == 1
