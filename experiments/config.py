@@ -9,9 +9,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_flax.architecture import ModelSpec, resolve
+from resnet_flax.cpu_devices import usable_cores
 from resnet_flax.data import DataConfig
 from resnet_flax.optim import SCHEDULES, OptimConfig
 from resnet_flax.train import ConfigError, RunInfo, TrainerConfig, seed_run_dirs
@@ -24,18 +26,30 @@ HYDRA_ONLY = (".hydra", "train.log")
 _gpu_lock: tuple[int, int] | None = None
 
 
-def visible_gpu_count() -> int:
-    """GPUs this process may use, counted without initialising JAX (at least 1)."""
+def gpu_count() -> int:
+    """GPUs this process may use, counted without initialising JAX (0 on a CPU-only host)."""
+    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+        return 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
     try:
         out = subprocess.run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return 1
-    return max(1, sum(line.startswith("GPU ") for line in out.splitlines()))
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, at least 1 (the multi_gpu launcher's job count)."""
+    return max(1, gpu_count())
+
+
+def cpu_sweep_jobs() -> int:
+    """Jobs a CPU sweep runs at once: one per usable core; 1 where a GPU would be shared."""
+    return 1 if gpu_count() else usable_cores()
 
 
 # Training-set sizes of the streamed datasets, for recipes counted in epochs (the in-memory
@@ -62,6 +76,7 @@ def register_resolvers() -> None:
     """Resolvers the config tree uses (idempotent); must run before Hydra composes."""
     resolvers = {
         "visible_gpu_count": visible_gpu_count,
+        "cpu_sweep_jobs": cpu_sweep_jobs,
         "epochs_to_iterations": epochs_to_iterations,
         "linear_scaled_lr": linear_scaled_lr,
     }
@@ -127,6 +142,14 @@ def compilation_cache_dir(cfg: DictConfig) -> str | None:
         return None
     path = Path(str(path)).expanduser()
     return str(path if path.is_absolute() else REPO_ROOT / path)
+
+
+def parallel_jobs(hydra_config) -> int:
+    """How many jobs of this sweep run at once (n_jobs of a joblib launcher; else 1)."""
+    if hydra_config.mode != RunMode.MULTIRUN:
+        return 1
+    n_jobs = OmegaConf.select(hydra_config.launcher, "n_jobs", default=None)
+    return max(1, int(n_jobs)) if n_jobs is not None else 1
 
 
 def pin_gpu(job_num: int, lock_dir: Path) -> int | None:

@@ -17,12 +17,18 @@ from omegaconf import DictConfig
 from experiments.config import (
     compilation_cache_dir,
     completed_summary,
+    parallel_jobs,
     pin_gpu,
     remove_if_empty,
     to_library,
 )
 from resnet_flax.architecture import SpecError
-from resnet_flax.cpu_devices import CpuDevicesError, cpu_device_count, use_cpu_devices
+from resnet_flax.cpu_devices import (
+    CpuDevicesError,
+    cpu_device_count,
+    usable_cores,
+    use_cpu_devices,
+)
 from resnet_flax.data import DataError
 from resnet_flax.train import (
     ConfigError,
@@ -49,7 +55,12 @@ def main(cfg: DictConfig) -> dict | None:
         if finished is not None:
             log.info("%s already completed %d iterations; skipping", run_dir, trainer.iterations)
             return finished
-        use_cpu_devices(cpu_device_count(cfg.cpu_devices, [trainer.batch_size]))
+        # Jobs of a parallel sweep share the cores: each splits only its share into devices
+        # and keeps every device single-threaded.
+        jobs = parallel_jobs(hc)
+        cores = max(1, usable_cores() // jobs)
+        count = cpu_device_count(cfg.cpu_devices, [trainer.batch_size], cores)
+        use_cpu_devices(count, single_threaded=jobs > 1)
         enable_compilation_cache(compilation_cache_dir(cfg))
         maybe_initialize_distributed()
         import jax  # only after pin_gpu (see the imports above)

@@ -32,15 +32,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_device_count(requested: int | str, batch_sizes: Iterable[int]) -> int:
+def cpu_device_count(
+    requested: int | str, batch_sizes: Iterable[int], cores: int | None = None
+) -> int:
     """How many CPU devices to create: an explicit count, or 'auto'.
 
-    'auto' is the largest count not above the usable cores that divides every batch size
-    (the global batch is split evenly over the devices).
+    'auto' is the largest count not above `cores` (default: the usable cores) that divides
+    every batch size (the global batch is split evenly over the devices).
     """
     sizes = [int(b) for b in batch_sizes]
     if requested == "auto":
-        return max(d for d in range(1, usable_cores() + 1) if all(b % d == 0 for b in sizes))
+        limit = cores or usable_cores()
+        return max(d for d in range(1, limit + 1) if all(b % d == 0 for b in sizes))
     try:
         count = int(requested)
     except (TypeError, ValueError):
@@ -58,17 +61,22 @@ def cpu_device_count(requested: int | str, batch_sizes: Iterable[int]) -> int:
     return count
 
 
-def use_cpu_devices(count: int) -> bool:
+def use_cpu_devices(count: int, single_threaded: bool = False) -> bool:
     """Create `count` CPU devices, each single-threaded, before JAX runs anything.
 
-    Returns whether the process has them. Changes nothing when `count` is 1 or when XLA_FLAGS
-    already sets a host device count (e.g. the 8 simulated devices of the sharding tests).
+    Returns whether the process has them. Changes nothing when `count` is 1 (unless
+    `single_threaded`: one device on one thread, for a job that shares the machine with
+    others) or when XLA_FLAGS already sets a host device count (e.g. the 8 simulated
+    devices of the sharding tests).
     GPU and TPU runs are unaffected: their devices stay the default ones. In a process where
     JAX has already started (several jobs of one Hydra sweep in one process) the devices it
     has are kept and a different request is logged.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    if count <= 1 or _DEVICE_COUNT_FLAG in flags:
+    if _DEVICE_COUNT_FLAG in flags or (count <= 1 and not single_threaded):
+        return False
+    if count <= 1:
+        _single_thread(flags)
         return False
     if jax.config.jax_num_cpu_devices == count:
         return True
@@ -81,7 +89,11 @@ def use_cpu_devices(count: int) -> bool:
             count,
         )
         return False
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        # XLA reads XLA_FLAGS when its CPU backend starts, which has not happened yet.
-        os.environ["XLA_FLAGS"] = f"{flags} {_SINGLE_THREAD_FLAG}".strip()
+    _single_thread(flags)
     return True
+
+
+def _single_thread(flags: str) -> None:
+    """Run each CPU device's program on one thread (XLA reads XLA_FLAGS when it starts)."""
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_SINGLE_THREAD_FLAG}".strip()
