@@ -260,10 +260,11 @@ def test_shortcut_options_sweeps_a_b_c():
 
 def test_digits_demo_is_small_and_deep_enough():
     cfg = make_cfg("experiment=digits_degradation", hydra_cfg=True)
-    jobs = sweep_jobs(cfg)
-    depths = {int(job[1].split("=")[1]) for job in jobs}
+    jobs = [dict(o.split("=") for o in job) for job in sweep_jobs(cfg)]
+    depths = [int(job["depth"]) for job in jobs]
     assert min(depths) == 8 and max(depths) >= 56
-    assert {job[0] for job in jobs} == {"model=plain", "model=residual"}
+    assert depths == sorted(depths, reverse=True), "deepest first: parallel jobs end together"
+    assert {job["model"] for job in jobs} == {"plain", "residual"}
     assert cfg.dataset.name == "digits"
     trainer = to_library(cfg)[3]
     assert trainer.iterations <= 200 and trainer.eval_every % trainer.log_every == 0
@@ -296,6 +297,17 @@ def test_launchers_compose(monkeypatch):
     assert slurm.max_num_timeout > 0, "preempted jobs must be requeued"
     local = make_cfg("hydra/launcher=submitit_local", hydra_cfg=True).hydra.launcher
     assert "LocalLauncher" in local._target_
+    # cpu_parallel: one job per usable core on a CPU-only host, one where a GPU is visible
+    cpu = make_cfg("hydra/launcher=cpu_parallel", hydra_cfg=True).hydra.launcher
+    assert "JoblibLauncher" in cpu._target_ and cpu.n_jobs == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(exp_config, "usable_cores", lambda: 6)
+    assert make_cfg("hydra/launcher=cpu_parallel", hydra_cfg=True).hydra.launcher.n_jobs == 6
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert make_cfg("hydra/launcher=cpu_parallel", hydra_cfg=True).hydra.launcher.n_jobs == 6
+    preset = make_cfg("experiment=digits_degradation", hydra_cfg=True)
+    assert "JoblibLauncher" in preset.hydra.launcher._target_ and preset.cpu_devices == 1
 
 
 def test_compilation_cache_dir_is_a_config_key(monkeypatch):
