@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_flax.cpu_devices import cpu_device_count
+from resnet_flax.cpu_devices import cpu_device_count, usable_cores
 from resnet_flax.runs import parse_override_dirname
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_unknown_key_and_group_option_fail_with_hydras_message(tmp_path):
     assert "Could not find 'dataset/imagenet21k'" in proc.stderr
 
 
-def check_sweep(sweep_dir: Path) -> None:
+def check_sweep(sweep_dir: Path, parallel_jobs: int = 1) -> None:
     """One complete run directory per job, named by its overrides, and multirun.yaml."""
     assert (sweep_dir / "multirun.yaml").is_file()
     jobs = {p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
@@ -113,8 +113,10 @@ def check_sweep(sweep_dir: Path) -> None:
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed", summary
         assert summary["iterations"] == 4 and summary["dataset"] == "digits"
-        # cpu_devices=auto: the host is split into one device per core (batch 128 allowing).
-        assert summary["device_count"] == cpu_device_count("auto", [128])
+        # cpu_devices=auto: each job splits its share of the cores into devices (batch 128
+        # allowing); jobs running at once share the cores.
+        cores = max(1, usable_cores() // parallel_jobs)
+        assert summary["device_count"] == cpu_device_count("auto", [128], cores)
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert any("train_error" in x for x in lines) and any("test_error" in x for x in lines)
         config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
@@ -168,7 +170,7 @@ def test_smoke_sweep_multi_gpu_launcher_runs_on_cpu_too(tmp_path):
         env={"JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_sweep(sweep_dir)
+    check_sweep(sweep_dir, parallel_jobs=2)
     assert (sweep_dir / ".gpu_locks").is_dir()
 
 
