@@ -119,6 +119,8 @@ def publish(sweep_dir: Path, target: Path, argv: Sequence[str] | None, sweep_s, 
     """Copy the figures and report to a curated folder, with the command and commit."""
     from resnet_flax.records import git_commit
 
+    # Before the copies below: they change tracked files, which would mark the commit dirty.
+    commit = git_commit()
     target.mkdir(parents=True, exist_ok=True)
     for old in target.glob("*"):
         if old.is_file():
@@ -130,7 +132,7 @@ def publish(sweep_dir: Path, target: Path, argv: Sequence[str] | None, sweep_s, 
     (target / "PROVENANCE.md").write_text(
         "# How these files were made\n\n"
         f"Command: `python -m experiments.demo {args}`  \n"
-        f"Commit: `{git_commit()}`  \n"
+        f"Commit: `{commit}`  \n"
         f"Sweep directory (not in git): `{sweep_dir}`  \n"
         f"Sweep wall time: {sweep_s:.0f} s; total with analysis and plots: {total_s:.0f} s "
         "(2 CPU cores)\n\n"
