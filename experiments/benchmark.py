@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU only: XLA devices the host is split into, the batch sharded over them "
         "(auto: one per core; 1: a single device using every core through XLA's thread pool)",
     )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="benchmark the nets a preset sweeps (conf/experiment/NAME.yaml: its model and depth "
+        "values, batch size and iterations) and estimate the preset's wall time on this device",
+    )
     p.add_argument("--compile-only", action="store_true", help="measure compile time only")
     p.add_argument("--image-size", type=int, default=None, help="default: 32 or 224")
     p.add_argument("--steps", type=int, default=10, help="steps per compiled chunk")
@@ -73,10 +79,38 @@ def device_label() -> str:
     return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
+def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int]:
+    """The (model, depth) jobs a preset sweeps, its batch size and its iterations per run."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.config import REPO_ROOT
+
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"experiment={name}"], return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
+    other = sorted(set(params) - {"model", "depth"})
+    if other:
+        raise SpecError(f"--preset estimates model/depth sweeps; {name} also sweeps {other}")
+    models = [m.strip() for m in params.get("model", [cfg.model])]
+    depths = [int(d) for d in params.get("depth", [cfg.depth])]
+    jobs = [(m, d) for m in models for d in depths]
+    return jobs, int(cfg.trainer.batch_size), int(cfg.trainer.iterations)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every requested case and write JSON and Markdown results."""
     args = parse_args(argv)
     size = args.image_size or (32 if args.family == "cifar" else 224)
+    preset_iterations = None
+    if args.preset:
+        try:
+            jobs, batch, preset_iterations = preset_jobs(args.preset)
+        except Exception as err:  # an unknown preset: Hydra's message, in one line
+            print(f"error: --preset {args.preset}: {err}".splitlines()[0], file=sys.stderr)
+            return 2
+        args.models = list(dict.fromkeys(m for m, _ in jobs))
+        args.depths = list(dict.fromkeys(d for _, d in jobs))
+        args.batch_sizes = [batch]
     cases = list(
         itertools.product(
             args.models,
@@ -147,6 +181,22 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
 
+    estimate = ""
+    if args.preset and not args.compile_only:
+        from resnet_flax.benchmark import preset_estimate_h
+
+        jax_rows = [r for r in rows if r.get("framework") == "jax"]
+        for precision in args.precisions:
+            hours = preset_estimate_h(
+                [r for r in jax_rows if r["precision"] == precision], jobs, preset_iterations
+            )
+            line = (
+                f"Estimated wall time of the {args.preset} preset on this device, {precision}: "
+                f"{hours:.2f} h ({len(jobs)} runs x {preset_iterations} iterations, one after "
+                "another, compile included, evaluation excluded)"
+            )
+            print(line, flush=True)
+            estimate += line + "  \n"
     out = Path(args.out or Path("results") / "benchmarks" / device_label())
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or time.strftime("%Y%m%d-%H%M%S")
@@ -155,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     meta = {
         "command": command,
+        "preset_estimate": estimate.replace("  \n", "\n").strip() or None,
         "git_commit": git_commit(),
         "versions": library_versions(),
         "machine": platform.platform(),
@@ -162,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / f"{stem}.md").write_text(
         f"# Benchmark {stem}\n\nCommand: `{command}`  \nCommit: `{meta['git_commit']}`  \n"
-        f"Machine: {meta['machine']}\n\n{markdown_table(rows)}\n"
+        f"Machine: {meta['machine']}\n\n{estimate}\n{markdown_table(rows)}\n"
     )
     print(f"wrote {out / stem}.json and .md")
     return 0

@@ -19,6 +19,7 @@ from resnet_flax.optim import OptimConfig
 from resnet_flax.train import TrainerConfig, array_eval_batches, evaluate_batches, prepare
 
 PAPER_ITERATIONS = 64_000
+CIFAR10_TRAIN_IMAGES = 50_000
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def run_case(
         "train_images_per_sec": case.batch_size * seeds / step_s,
         "eval_images_per_sec": len(data.x_test) * seeds / float(np.median(eval_times)),
         "paper_run_estimate_min": PAPER_ITERATIONS * step_s / 60,
+        # One CIFAR-10 epoch per seed (the issue's GPU target: ResNet-56 bf16 <= 0.5 s).
+        "cifar10_epoch_s": CIFAR10_TRAIN_IMAGES / case.batch_size * step_s,
         **peak_memory_bytes(),
     }
 
@@ -164,6 +167,19 @@ def input_row(
     }
 
 
+def preset_estimate_h(rows: list[dict], jobs: list[tuple[str, int]], iterations: int) -> float:
+    """Hours to train every (model, depth) job for `iterations` steps, one after another.
+
+    Each job takes its measured step time and compile time from the row of the same model
+    and depth (the first one, if several batch sizes or settings were measured).
+    """
+    total = 0.0
+    for model, depth in jobs:
+        row = next(r for r in rows if r["model"] == model and r["depth"] == depth)
+        total += iterations * row["step_s"] + row["compile_s"]
+    return total / 3600
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The results as a Markdown table."""
     cols = [
@@ -182,6 +198,7 @@ def markdown_table(rows: list[dict]) -> str:
         ("train_images_per_sec", "train img/s"),
         ("input_images_per_sec", "input img/s"),
         ("eval_images_per_sec", "eval img/s"),
+        ("cifar10_epoch_s", "CIFAR-10 epoch s"),
         ("paper_run_estimate_min", "64k-iter run, min"),
         ("device_peak_bytes", "device peak MiB"),
         ("host_peak_rss_bytes", "host peak RSS MiB"),

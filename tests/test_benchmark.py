@@ -49,3 +49,25 @@ def test_input_benchmark_without_the_dataset_fails_in_one_line(tmp_path, capsys)
     args = ["--input", "imagenette", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)]
     assert main(args) == 2
     assert "tfds build imagenette" in capsys.readouterr().err
+
+
+def test_preset_jobs_and_wall_time_estimate():
+    from experiments.benchmark import preset_jobs
+    from resnet_flax.benchmark import preset_estimate_h
+
+    jobs, batch, iterations = preset_jobs("he2015_fig6")
+    assert batch == 128 and iterations == 64_000
+    assert sorted(jobs) == [(m, d) for m in ("plain", "residual") for d in (20, 32, 44, 56)]
+    rows = [
+        {"model": m, "depth": d, "step_s": d / 1000, "compile_s": 10.0, "precision": "float32"}
+        for m, d in jobs
+    ]
+    # 64k steps of (20+32+44+56)/1000 s for each model, plus 8 compiles of 10 s
+    want = (2 * 64_000 * 0.152 + 80) / 3600
+    assert preset_estimate_h(rows, jobs, iterations) == pytest.approx(want)
+
+
+def test_unknown_preset_fails_in_one_line(capsys):
+    assert benchmark.main(["--preset", "he2099"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --preset he2099")
