@@ -139,7 +139,35 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_flax.data import DataError
     from resnet_flax.torch_baseline import time_torch_step, torch_available
 
-    rows = []
+    if args.torch and not torch_available():  # before anything compiles
+        print("error: --torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("results") / "benchmarks" / device_label())
+    stem = args.name or time.strftime("%Y%m%d-%H%M%S")
+    command = "python -m experiments.benchmark " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    meta = {
+        "command": command,
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "machine": platform.platform(),
+    }
+    rows: list[dict] = []
+
+    def save(row: dict | None = None, estimate: str = "") -> None:
+        """Add a row and rewrite both files: a run cut short keeps every row it measured."""
+        if row is not None:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        out.mkdir(parents=True, exist_ok=True)
+        data = {**meta, "preset_estimate": estimate.replace("  \n", "\n").strip() or None}
+        (out / f"{stem}.json").write_text(json.dumps({**data, "rows": rows}, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(
+            f"# Benchmark {stem}\n\nCommand: `{command}`  \nCommit: `{meta['git_commit']}`  \n"
+            f"Machine: {meta['machine']}\n\n{estimate}\n{markdown_table(rows)}\n"
+        )
+
     if args.input:
         try:  # a missing dataset fails here, before any compile
             row = input_row(
@@ -153,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        save(row)
     for model, depth, batch, precision, impl, stage_loop, seeds in cases:
         case = BenchCase(
             model,
@@ -169,17 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             args.step_loop,
             seeds,
         )
-        row = {"framework": "jax", **run_case(case, args.steps, args.repeats, args.compile_only)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        save({"framework": "jax", **run_case(case, args.steps, args.repeats, args.compile_only)})
     if args.torch:
-        if not torch_available():
-            print("error: --torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
-            return 2
         for model, depth in dict.fromkeys((m, d) for m, d, *_ in cases):
-            row = time_torch_step(ModelSpec(model=model, depth=depth), args.batch_sizes[0], size)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            save(time_torch_step(ModelSpec(model=model, depth=depth), args.batch_sizes[0], size))
 
     estimate = ""
     if args.preset and not args.compile_only:
@@ -197,24 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(line, flush=True)
             estimate += line + "  \n"
-    out = Path(args.out or Path("results") / "benchmarks" / device_label())
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or time.strftime("%Y%m%d-%H%M%S")
-    command = "python -m experiments.benchmark " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    meta = {
-        "command": command,
-        "preset_estimate": estimate.replace("  \n", "\n").strip() or None,
-        "git_commit": git_commit(),
-        "versions": library_versions(),
-        "machine": platform.platform(),
-    }
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(
-        f"# Benchmark {stem}\n\nCommand: `{command}`  \nCommit: `{meta['git_commit']}`  \n"
-        f"Machine: {meta['machine']}\n\n{estimate}\n{markdown_table(rows)}\n"
-    )
+    save(estimate=estimate)
     print(f"wrote {out / stem}.json and .md")
     return 0
 

@@ -68,6 +68,6 @@ def test_preset_jobs_and_wall_time_estimate():
 
 
 def test_unknown_preset_fails_in_one_line(capsys):
-    assert benchmark.main(["--preset", "he2099"]) == 2
+    assert main(["--preset", "he2099"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --preset he2099")
