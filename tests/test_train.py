@@ -194,6 +194,13 @@ def test_eight_devices_match_one_device(tmp_path):
         _curve(tmp_path / "eight", "train_loss"), _curve(tmp_path / "one", "train_loss"), rtol=1e-4
     )
     np.testing.assert_allclose(eight["final_train_error"], one["final_train_error"], atol=2e-3)
+    # A run checkpointed on 8 devices resumes on 1 (cpu_devices differs between machines).
+    one = _finish(_worker(tmp_path / "one", 20, batch=64))
+    resumed = _finish(_worker(tmp_path / "eight", 20, batch=64))
+    assert resumed["iterations"] == 20 and resumed["device_count"] == 1
+    np.testing.assert_allclose(
+        _curve(tmp_path / "eight", "train_loss"), _curve(tmp_path / "one", "train_loss"), rtol=1e-4
+    )
 
 
 def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
