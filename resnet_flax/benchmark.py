@@ -10,13 +10,11 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from resnet_flax.architecture import ModelSpec
 from resnet_flax.data import DataConfig, Dataset
 from resnet_flax.optim import OptimConfig
-from resnet_flax.train import TrainerConfig, array_eval_batches, evaluate_batches, prepare
+from resnet_flax.train import TrainerConfig, array_eval_batches, prepare
 
 PAPER_ITERATIONS = 64_000
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -114,15 +112,10 @@ def run_case(
 
     train_once()  # first call pays allocation and autotuning
     train_times = _timed(train_once, repeats)
-    d = prep.on_device
-    sharding = NamedSharding(prep.mesh, P("data"))
 
     def evaluate():
         batches = array_eval_batches(data.x_test, data.y_test, prep.trainer.eval_batch_size)
-        stats = (d["mean"], d["std"])
-        return evaluate_batches(
-            prep.fns.evaluate, state, batches, len(data.x_test), sharding, 2, stats
-        )
+        return prep.evaluate(state, batches, len(data.x_test))
 
     evaluate()
     eval_times = _timed(evaluate, repeats)

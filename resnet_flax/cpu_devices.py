@@ -64,33 +64,30 @@ def cpu_device_count(
 def use_cpu_devices(count: int, single_threaded: bool = False) -> bool:
     """Create `count` CPU devices, each single-threaded, before JAX runs anything.
 
-    Returns whether the process has them. Changes nothing when `count` is 1 (unless
-    `single_threaded`: one device on one thread, for a job that shares the machine with
-    others) or when XLA_FLAGS already sets a host device count (e.g. the 8 simulated
-    devices of the sharding tests).
-    GPU and TPU runs are unaffected: their devices stay the default ones. In a process where
-    JAX has already started (several jobs of one Hydra sweep in one process) the devices it
-    has are kept and a different request is logged.
+    Returns whether the process has the `count` > 1 devices. Changes nothing when `count`
+    is 1 (unless `single_threaded`: one device on one thread, for a job that shares the
+    machine with others) or when XLA_FLAGS already sets a host device count (e.g. the 8
+    simulated devices of the sharding tests). GPU and TPU runs are unaffected: their
+    devices stay the default ones. In a process where JAX has already started (several jobs
+    of one Hydra sweep in one process) the devices it has are kept and a different request
+    is logged.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    if _DEVICE_COUNT_FLAG in flags or (count <= 1 and not single_threaded):
+    if _DEVICE_COUNT_FLAG in flags:
         return False
-    if count <= 1:
+    if count > 1 and jax.config.jax_num_cpu_devices != count:
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except RuntimeError:  # the backend already started with another count
+            log.warning(
+                "JAX already runs with %d CPU devices in this process; cpu_devices=%d is ignored",
+                len(jax.devices("cpu")),
+                count,
+            )
+            return False
+    if count > 1 or single_threaded:
         _single_thread(flags)
-        return False
-    if jax.config.jax_num_cpu_devices == count:
-        return True
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # the backend already started with another count
-        log.warning(
-            "JAX already runs with %d CPU devices in this process; cpu_devices=%d is ignored",
-            len(jax.devices("cpu")),
-            count,
-        )
-        return False
-    _single_thread(flags)
-    return True
+    return count > 1
 
 
 def _single_thread(flags: str) -> None:

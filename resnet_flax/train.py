@@ -422,6 +422,22 @@ class Prepared:
         d = self.on_device
         return d["x_train"], d["y_train"], d["mean"], d["std"]
 
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """Batches split row-wise over the devices of the mesh."""
+        return NamedSharding(self.mesh, P("data"))
+
+    @property
+    def norm_stats(self) -> tuple:
+        """The per-channel mean and std (on the devices) that normalize() takes."""
+        return self.on_device["mean"], self.on_device["std"]
+
+    def evaluate(self, state: dict, batches: Iterable, n: int, prefetch: int = 2) -> tuple:
+        """Mean loss and error of `state` over host batches (x, y, mask) holding n rows."""
+        return evaluate_batches(
+            self.fns.evaluate, state, batches, n, self.batch_sharding, prefetch, self.norm_stats
+        )
+
 
 def prepare(
     spec: ModelSpec,
@@ -542,7 +558,7 @@ def train(
     data = dataset if dataset is not None else open_data(data_cfg, trainer, info.seed)
     prep = prepare(spec, data, data_cfg, optim, trainer, info.seed, trainer.vmap_seeds)
     spec, trainer, mesh, fns = prep.spec, prep.trainer, prep.mesh, prep.fns
-    state, on_device, steps_per_epoch = prep.state, prep.on_device, prep.steps_per_epoch
+    state, steps_per_epoch = prep.state, prep.steps_per_epoch
     seeds, stream = prep.seeds, prep.stream
     stacked = len(seeds) > 1
     if stacked and jax.default_backend() == "cpu":
@@ -615,9 +631,7 @@ def train(
             batches, n = array_eval_batches(x, y, trainer.eval_batch_size), len(x)
         else:
             batches, n = stream.eval_batches(), stream.n_eval
-        loss, err = evaluate_batches(
-            fns.evaluate, state, batches, n, batch_sharding, trainer.device_prefetch, stream_stats
-        )
+        loss, err = prep.evaluate(state, batches, n, trainer.device_prefetch)
         return [(float(per_seed(loss, k)), float(per_seed(err, k))) for k in range(len(seeds))]
 
     def log_eval(iteration: int) -> None:
@@ -632,8 +646,7 @@ def train(
                 out["val_loss"], out["val_error"] = val[k]
             run.recorder.log(out)
 
-    batch_sharding = NamedSharding(mesh, P("data"))
-    stream_stats = (on_device["mean"], on_device["std"])
+    batch_sharding, stream_stats = prep.batch_sharding, prep.norm_stats
     compile_time = 0.0
     compiled: dict[int, object] = {}
     batches = None
