@@ -11,9 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-from resnet_flax.architecture import ModelSpec, SpecError, resolve
+from resnet_flax.architecture import ModelSpec, SpecError, check_bn_batch, resolve
 from resnet_flax.cpu_devices import CpuDevicesError, cpu_device_count, use_cpu_devices
 from resnet_flax.records import git_commit, library_versions
+
+
+def bn_batch_arg(text: str) -> int | None:
+    """--bn-batches value: a positive integer, or 'batch' for the whole batch."""
+    if text in ("batch", "none", "null"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'batch', got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", nargs="+", default=["float32"])
     p.add_argument("--conv-impls", nargs="+", default=["auto"])
     p.add_argument("--stage-loops", nargs="+", default=["auto"], help="auto | scan | unroll")
+    p.add_argument(
+        "--bn-batches",
+        nargs="+",
+        type=bn_batch_arg,
+        default=[None],
+        metavar="N|batch",
+        help="images per BatchNorm statistics group (batch: the whole batch; 64: the paper's "
+        "batch 128 on two GPUs)",
+    )
     p.add_argument("--step-loop", default="auto", help="auto | scan | python")
     p.add_argument("--remat", action="store_true")
     p.add_argument(
@@ -120,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             args.conv_impls,
             args.stage_loops,
             args.vmap_seeds,
+            args.bn_batches,
         )
     )
     try:  # every choice is checked before anything compiles
-        for model, depth, *_ in cases:
-            resolve(ModelSpec(model=model, depth=depth, family=args.family))
+        for model, depth, batch, *_, bn_batch in cases:
+            resolve(ModelSpec(model=model, depth=depth, family=args.family, bn_batch=bn_batch))
+            check_bn_batch(bn_batch, batch)
         use_cpu_devices(cpu_device_count(args.cpu_devices, args.batch_sizes))
     except (SpecError, CpuDevicesError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -182,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         save(row)
-    for model, depth, batch, precision, impl, stage_loop, seeds in cases:
+    for model, depth, batch, precision, impl, stage_loop, seeds, bn_batch in cases:
         case = BenchCase(
             model,
             depth,
@@ -195,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_loop,
             args.step_loop,
             seeds,
+            bn_batch,
         )
         save({"framework": "jax", **run_case(case, args.steps, args.repeats, args.compile_only)})
     if args.torch:

@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_flax.architecture import ModelSpec, resolve
+from resnet_flax.architecture import ModelSpec, check_bn_batch, resolve
 from resnet_flax.cpu_devices import usable_cores
 from resnet_flax.data import DataConfig
 from resnet_flax.optim import SCHEDULES, OptimConfig
@@ -120,6 +120,7 @@ def to_library(
         dtype=cfg.precision,
         conv_impl=cfg.conv_impl,
         stage_loop=cfg.stage_loop,
+        bn_batch=cfg.bn_batch,
     )
     resolve(spec)
     data_cfg = DataConfig(**_container(cfg.dataset))
@@ -131,6 +132,7 @@ def to_library(
             f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {optim.schedule!r}"
         )
     trainer = TrainerConfig(**_container(cfg.trainer))
+    check_bn_batch(spec.bn_batch, trainer.batch_size)
     info = RunInfo(experiment=str(cfg.experiment_name), seed=int(cfg.seed))
     return spec, data_cfg, optim, trainer, info
 

@@ -46,6 +46,9 @@ class ModelSpec:
     dtype: str = "float32"
     bn_momentum: float = 0.9  # PyTorch's momentum 0.1 in Flax's convention
     bn_epsilon: float = 1e-5
+    # Images per BatchNorm statistics group in training; None: the whole batch. He et al.
+    # 2015 trained batch 128 on two GPUs, each normalising its own 64 images (bn_batch=64).
+    bn_batch: int | None = None
     conv_impl: str = "auto"
     # Identical blocks are stacked and applied with a scan (compile time flat in depth);
     # "unroll" emits them one by one. "auto": unroll on CPU, where XLA runs convolution
@@ -122,6 +125,17 @@ def _check_choice(name: str, value, valid) -> None:
         raise SpecError(f"{name} must be one of {', '.join(map(str, valid))}; got {value!r}")
 
 
+def check_bn_batch(bn_batch: int | None, batch_size: int) -> None:
+    """Raise SpecError unless bn_batch (None: the whole batch) divides the training batch."""
+    if bn_batch is not None and batch_size % bn_batch:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise SpecError(
+            f"bn_batch {bn_batch} does not divide the batch size {batch_size}: each BatchNorm "
+            f"group takes bn_batch images; use one of {', '.join(map(str, divisors))} "
+            "or null (the whole batch)"
+        )
+
+
 def resolve(spec: ModelSpec) -> Architecture:
     """Validate a spec and resolve it into stages; raises SpecError with the valid values."""
     _check_choice("model", spec.model, MODELS)
@@ -139,6 +153,12 @@ def resolve(spec: ModelSpec) -> Architecture:
         raise SpecError(f"in_channels must be at least 1; got {spec.in_channels}")
     if not 0.0 <= spec.bn_momentum < 1.0:
         raise SpecError(f"bn_momentum must be in [0, 1); got {spec.bn_momentum}")
+    if spec.bn_batch is not None and (
+        not isinstance(spec.bn_batch, int) or isinstance(spec.bn_batch, bool) or spec.bn_batch < 1
+    ):
+        raise SpecError(
+            f"bn_batch must be a positive integer or null (the whole batch); got {spec.bn_batch!r}"
+        )
 
     if spec.family == "cifar":
         block = _cifar_block(spec.depth, spec.block)

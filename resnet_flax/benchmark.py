@@ -35,6 +35,7 @@ class BenchCase:
     stage_loop: str = "auto"
     step_loop: str = "auto"
     vmap_seeds: int = 1  # seeds trained together as one program (TrainerConfig.vmap_seeds)
+    bn_batch: int | None = None  # images per BatchNorm statistics group (ModelSpec.bn_batch)
 
 
 def synthetic_dataset(image_size: int, batch_size: int, batches: int = 4) -> Dataset:
@@ -78,6 +79,7 @@ def run_case(
         remat=case.remat,
         stage_loop=case.stage_loop,
         shortcut="A" if case.family == "cifar" else "B",
+        bn_batch=case.bn_batch,
     )
     data = synthetic_dataset(case.image_size, case.batch_size)
     data_cfg = DataConfig(name="synthetic", crop_padding=4, flip=True)
@@ -185,6 +187,7 @@ def markdown_table(rows: list[dict]) -> str:
         ("stage_loop", "stages"),
         ("step_loop", "steps"),
         ("vmap_seeds", "seeds"),
+        ("bn_batch", "BN batch"),
         ("device_count", "devices"),
         ("compile_s", "compile s"),
         ("step_s", "step s"),

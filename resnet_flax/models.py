@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnet_flax.architecture import Architecture, ModelSpec, StagePlan, resolve
+from resnet_flax.batchnorm import GroupBatchNorm
 from resnet_flax.conv import select_conv
 
 # He et al. 2015 initialise with N(0, 2/n), n = k*k*c_in (the fan-in).
@@ -21,6 +22,21 @@ dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 def _conv_fn(spec: ModelSpec) -> Callable:
     """The convolution primitive for this spec (XLA's, or the CPU-friendly custom VJP)."""
     return select_conv(spec.conv_impl)
+
+
+def _batch_norm(
+    spec: ModelSpec, channels: int, *, zero_scale: bool = False, rngs: nnx.Rngs
+) -> GroupBatchNorm:
+    """The spec's BatchNorm: its momentum, epsilon, dtype and statistics group (bn_batch)."""
+    return GroupBatchNorm(
+        channels,
+        group=spec.bn_batch,
+        momentum=spec.bn_momentum,
+        epsilon=spec.bn_epsilon,
+        dtype=jnp.dtype(spec.dtype),
+        scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
+        rngs=rngs,
+    )
 
 
 class ConvBN(nnx.Module):
@@ -52,18 +68,7 @@ class ConvBN(nnx.Module):
             conv_general_dilated=_conv_fn(spec),
             rngs=rngs,
         )
-        self.bn = (
-            nnx.BatchNorm(
-                cout,
-                momentum=spec.bn_momentum,
-                epsilon=spec.bn_epsilon,
-                dtype=dtype,
-                scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
-                rngs=rngs,
-            )
-            if bn
-            else None
-        )
+        self.bn = _batch_norm(spec, cout, zero_scale=zero_scale, rngs=rngs) if bn else None
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = self.conv(x)
@@ -74,13 +79,7 @@ class PreActBN(nnx.Module):
     """BatchNorm then ReLU: the pre-activation that precedes a conv in He et al. 2016."""
 
     def __init__(self, spec: ModelSpec, channels: int, *, rngs: nnx.Rngs):
-        self.bn = nnx.BatchNorm(
-            channels,
-            momentum=spec.bn_momentum,
-            epsilon=spec.bn_epsilon,
-            dtype=jnp.dtype(spec.dtype),
-            rngs=rngs,
-        )
+        self.bn = _batch_norm(spec, channels, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         return nnx.relu(self.bn(x, use_running_average=not train))

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from resnet_flax import augment as aug
-from resnet_flax.architecture import ModelSpec, resolve
+from resnet_flax.architecture import ModelSpec, check_bn_batch, resolve
 from resnet_flax.checkpoints import Checkpointer, abstract_like, restore_common
 from resnet_flax.data import DataConfig, Dataset, load_dataset
 from resnet_flax.models import build_model
@@ -458,6 +458,7 @@ def prepare(
     in_channels = data.image_shape[-1]
     spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=in_channels)
     resolve(spec)
+    check_bn_batch(spec.bn_batch, trainer.batch_size)
     n_train = data.n_train if streaming else len(data.x_train)
     if n_train < trainer.batch_size:
         raise ConfigError(

@@ -10,12 +10,13 @@ from experiments.benchmark import main
 def test_tiny_benchmark_writes_results(tmp_path):
     args = ["--models", "plain", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
     args += ["--steps", "2", "--repeats", "1", "--out", str(tmp_path), "--name", "tiny"]
-    args += ["--vmap-seeds", "1", "2"]
+    args += ["--vmap-seeds", "1", "2", "--bn-batches", "batch", "4"]
     assert main(args) == 0
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["command"].startswith("python -m experiments.benchmark")
-    row, two_seeds = result["rows"]
+    row, grouped, two_seeds, _ = result["rows"]
     assert (row["vmap_seeds"], two_seeds["vmap_seeds"]) == (1, 2)
+    assert (row["bn_batch"], grouped["bn_batch"]) == (None, 4) and grouped["step_s"] > 0
     assert two_seeds["params"] == row["params"] and two_seeds["train_images_per_sec"] > 0
     assert row["model"] == "plain" and row["depth"] == 8 and row["params"] > 0
     assert row["compile_s"] > 0 and row["train_images_per_sec"] > 0
@@ -27,6 +28,11 @@ def test_tiny_benchmark_writes_results(tmp_path):
 def test_benchmark_rejects_bad_depth_before_compiling(tmp_path, capsys):
     assert main(["--depths", "57", "--out", str(tmp_path)]) == 2
     assert "6n+2" in capsys.readouterr().err
+
+
+def test_benchmark_rejects_a_bn_batch_that_does_not_divide_the_batch(tmp_path, capsys):
+    assert main(["--depths", "20", "--bn-batches", "48", "--out", str(tmp_path)]) == 2
+    assert "bn_batch 48 does not divide the batch size 128" in capsys.readouterr().err
 
 
 def test_input_pipeline_throughput_next_to_training(tmp_path):

@@ -85,6 +85,7 @@ def test_to_library_maps_every_override():
         "zero_init_residual=true",
         "conv_impl=xla",
         "stage_loop=unroll",
+        "bn_batch=64",
         "trainer.step_loop=scan",
         "seed=3",
         "dataset=svhn_cropped",
@@ -104,6 +105,7 @@ def test_to_library_maps_every_override():
         zero_init_residual=True,
         conv_impl="xla",
         stage_loop="unroll",
+        bn_batch=64,
     )
     assert data_cfg == DataConfig(name="svhn_cropped", validation_size=1000, flip=False)
     assert optim.schedule == "cosine" and optim.boundaries == () and optim.lr == 0.1
@@ -121,6 +123,8 @@ def test_to_library_maps_every_override():
         (["shortcut=D"], SpecError),
         (["precision=float16"], SpecError),
         (["stage_loop=while"], SpecError),
+        (["bn_batch=48"], SpecError),  # does not divide the batch of 128
+        (["bn_batch=-1"], SpecError),
         (["optim.schedule=linear"], ConfigError),
     ],
 )

@@ -98,6 +98,7 @@ def test_option_c_projects_every_block_and_b_only_at_changes():
         (ModelSpec(model="dense"), "model must be one of plain, residual, preact"),
         (ModelSpec(shortcut="D"), "shortcut must be one of A, B, C"),
         (ModelSpec(depth=32, block="bottleneck"), "9n+2 (164, 1001, ...); got 32"),
+        (ModelSpec(bn_batch=0), "bn_batch must be a positive integer or null"),
     ],
 )
 def test_invalid_specs_name_the_valid_values(spec, message):
@@ -221,3 +222,84 @@ def test_compiled_initialisation_draws_the_op_by_op_parameters():
     other = nnx.state(build_model(spec, seed=4))
     pairs = zip(jax.tree.leaves(other), jax.tree.leaves(compiled), strict=True)
     assert not all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_group_batchnorm_normalises_each_group_on_its_own():
+    from resnet_flax.batchnorm import GroupBatchNorm
+
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3 + 1
+    whole = GroupBatchNorm(3, group=8, momentum=0.9, rngs=nnx.Rngs(0))
+    reference = nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(
+        whole(x, use_running_average=False), reference(x, use_running_average=False)
+    )
+    grouped = GroupBatchNorm(3, group=4, momentum=0.9, rngs=nnx.Rngs(0))
+    halves = [nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0)) for _ in range(2)]
+    expected = jnp.concatenate(
+        [bn(x[i * 4 : i * 4 + 4], use_running_average=False) for i, bn in enumerate(halves)]
+    )
+    got = grouped(x, use_running_average=False)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(got, reference(x, use_running_average=False), atol=1e-3)
+    # the running statistics move towards the mean over groups
+    for name in ("mean", "var"):
+        average = (getattr(halves[0], name)[...] + getattr(halves[1], name)[...]) / 2
+        np.testing.assert_allclose(getattr(grouped, name)[...], average, rtol=1e-6, atol=1e-7)
+    # inference uses the running averages, as nnx.BatchNorm
+    np.testing.assert_allclose(
+        grouped(x, use_running_average=True),
+        (x - grouped.mean[...]) / jnp.sqrt(grouped.var[...] + 1e-5),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="does not divide the batch of 6"):
+        grouped(x[:6], use_running_average=False)
+
+
+def test_bn_batch_trains_each_group_as_its_own_batch():
+    # The paper's batch 128 on two GPUs: one step on the whole batch with bn_batch=half equals
+    # the net applied to each half alone (BN statistics and all).
+    spec = ModelSpec(depth=8, in_channels=1)
+    x = jax.random.normal(jax.random.key(2), (8, 8, 8, 1))
+    grouped = build_model(spec.replace(bn_batch=4), seed=1)
+    logits = grouped(x, train=True)
+    halves = [build_model(spec, seed=1)(x[i : i + 4], train=True) for i in (0, 4)]
+    np.testing.assert_allclose(logits, jnp.concatenate(halves), rtol=1e-5, atol=1e-5)
+    whole = build_model(spec.replace(bn_batch=8), seed=1)(x, train=True)
+    np.testing.assert_array_equal(whole, build_model(spec, seed=1)(x, train=True))
+
+
+SHARDED_BN = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from resnet_flax.architecture import ModelSpec
+from resnet_flax.models import build_model
+x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+for bn_batch in (None, 4, 2):
+    graphdef, state = nnx.split(build_model(ModelSpec(depth=8, bn_batch=bn_batch), seed=0))
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=True))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    got = forward(state, sharded)
+    text = forward.lower(state, sharded).compile().as_text()
+    np.testing.assert_allclose(got, forward(state, jax.device_put(x, jax.devices()[0])), atol=1e-5)
+    print(bn_batch, text.count(" all-reduce("))
+"""
+
+
+def test_bn_batch_on_devices_matches_one_device_and_skips_all_reduces():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED_BN], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = dict(line.split() for line in out.stdout.split("\n") if line)
+    # 8 images on 4 devices: whole-batch BN all-reduces its statistics; groups of 4 span two
+    # devices (still all-reduced, within pairs); groups of 2 lie on one device: no all-reduce.
+    assert int(counts["None"]) > 0 and int(counts["4"]) > 0
+    assert int(counts["2"]) == 0
