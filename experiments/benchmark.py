@@ -101,8 +101,8 @@ def device_label() -> str:
     return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
-def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int]:
-    """The (model, depth) jobs a preset sweeps, its batch size and its iterations per run."""
+def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int, int | None]:
+    """The (model, depth) jobs a preset sweeps, its batch size, iterations per run, bn_batch."""
     from hydra import compose, initialize_config_dir
 
     from experiments.config import REPO_ROOT
@@ -116,7 +116,8 @@ def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int]:
     models = [m.strip() for m in params.get("model", [cfg.model])]
     depths = [int(d) for d in params.get("depth", [cfg.depth])]
     jobs = [(m, d) for m in models for d in depths]
-    return jobs, int(cfg.trainer.batch_size), int(cfg.trainer.iterations)
+    bn_batch = None if cfg.bn_batch is None else int(cfg.bn_batch)
+    return jobs, int(cfg.trainer.batch_size), int(cfg.trainer.iterations), bn_batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     preset_iterations = None
     if args.preset:
         try:
-            jobs, batch, preset_iterations = preset_jobs(args.preset)
+            jobs, batch, preset_iterations, bn_batch = preset_jobs(args.preset)
         except Exception as err:  # an unknown preset: Hydra's message, in one line
             print(f"error: --preset {args.preset}: {err}".splitlines()[0], file=sys.stderr)
             return 2
         args.models = list(dict.fromkeys(m for m, _ in jobs))
         args.depths = list(dict.fromkeys(d for _, d in jobs))
         args.batch_sizes = [batch]
+        args.bn_batches = [bn_batch]
     cases = list(
         itertools.product(
             args.models,

@@ -61,8 +61,8 @@ def test_preset_jobs_and_wall_time_estimate():
     from experiments.benchmark import preset_jobs
     from resnet_flax.benchmark import preset_estimate_h
 
-    jobs, batch, iterations = preset_jobs("he2015_fig6")
-    assert batch == 128 and iterations == 64_000
+    jobs, batch, iterations, bn_batch = preset_jobs("he2015_fig6")
+    assert batch == 128 and iterations == 64_000 and bn_batch == 64
     assert sorted(jobs) == [(m, d) for m in ("plain", "residual") for d in (20, 32, 44, 56)]
     rows = [
         {"model": m, "depth": d, "step_s": d / 1000, "compile_s": 10.0, "precision": "float32"}
