@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="default: 32 or 224")
     p.add_argument("--steps", type=int, default=10, help="steps per compiled chunk")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time each step in this many rounds of --repeats; with --torch, PyTorch's rounds "
+        "alternate with JAX's (PyTorch runs in its own process)",
+    )
     p.add_argument("--torch", action="store_true", help="also time PyTorch eager (CPU)")
     p.add_argument(
         "--input",
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     from resnet_flax.benchmark import BenchCase, input_row, markdown_table, run_case
     from resnet_flax.data import DataError
-    from resnet_flax.torch_baseline import time_torch_step, torch_available
+    from resnet_flax.torch_baseline import TorchStepTimer, torch_available
 
     if args.torch and not torch_available():  # before anything compiles
         print("error: --torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
@@ -208,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         save(row)
+    torch_done: set[tuple[str, int]] = set()
     for model, depth, batch, precision, impl, stage_loop, seeds, bn_batch in cases:
         case = BenchCase(
             model,
@@ -223,10 +231,23 @@ def main(argv: list[str] | None = None) -> int:
             seeds,
             bn_batch,
         )
-        save({"framework": "jax", **run_case(case, args.steps, args.repeats, args.compile_only)})
-    if args.torch:
-        for model, depth in dict.fromkeys((m, d) for m, d, *_ in cases):
-            save(time_torch_step(ModelSpec(model=model, depth=depth), args.batch_sizes[0], size))
+        # PyTorch times each net once, at the first batch size, alternating with JAX's rounds.
+        timer = None
+        if args.torch and not args.compile_only and (model, depth) not in torch_done:
+            torch_done.add((model, depth))
+            spec = ModelSpec(model=model, depth=depth)
+            timer = TorchStepTimer(spec, args.batch_sizes[0], size, args.steps)
+        try:
+            after_round = None if timer is None else (lambda t=timer: t.time(args.repeats))
+            row = run_case(
+                case, args.steps, args.repeats, args.compile_only, args.rounds, after_round
+            )
+        finally:
+            if timer is not None:
+                timer.close()
+        save({"framework": "jax", **row})
+        if timer is not None:
+            save(timer.row())
 
     estimate = ""
     if args.preset and not args.compile_only:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -67,9 +68,19 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def run_case(
-    case: BenchCase, steps: int = 10, repeats: int = 3, compile_only: bool = False
+    case: BenchCase,
+    steps: int = 10,
+    repeats: int = 3,
+    compile_only: bool = False,
+    rounds: int = 1,
+    after_round: Callable[[], object] | None = None,
 ) -> dict:
-    """Compile time, steady-state training and evaluation images/s, memory, for one case."""
+    """Compile time, steady-state training and evaluation images/s, memory, for one case.
+
+    The training step is timed in `rounds` rounds of `repeats` timings; `after_round` runs
+    after each (another framework's timing, alternating with this one). The step time is the
+    median of all timings.
+    """
     spec = ModelSpec(
         model=case.model,
         depth=case.depth,
@@ -113,7 +124,11 @@ def run_case(
         return metrics
 
     train_once()  # first call pays allocation and autotuning
-    train_times = _timed(train_once, repeats)
+    train_times = []
+    for _ in range(rounds):
+        train_times += _timed(train_once, repeats)
+        if after_round is not None:
+            after_round()
 
     def evaluate():
         batches = array_eval_batches(data.x_test, data.y_test, prep.trainer.eval_batch_size)

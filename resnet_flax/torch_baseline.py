@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+
+import numpy as np
 
 from resnet_flax.architecture import ModelSpec, resolve
 
@@ -54,10 +57,8 @@ def build_torch_model(spec: ModelSpec):
     return nn.Sequential(*layers)
 
 
-def time_torch_step(
-    spec: ModelSpec, batch_size: int, image_size: int, steps: int = 5, repeats: int = 3
-) -> dict:
-    """Median seconds per SGD training step in PyTorch eager on the CPU."""
+def _serve(conn, spec: ModelSpec, batch_size: int, image_size: int, steps: int) -> None:
+    """Child process: build the net, take one step, then time `steps` steps per request."""
     import torch
 
     torch.manual_seed(0)
@@ -69,27 +70,61 @@ def time_torch_step(
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
+        loss_fn(model(x), y).backward()
         opt.step()
 
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - t0) / steps)
-    times.sort()
-    step_s = times[len(times) // 2]
-    return {
-        "framework": f"pytorch {torch.__version__} eager",
-        "model": spec.model,
-        "depth": spec.depth,
-        "batch_size": batch_size,
-        "precision": "float32",
-        "conv_impl": "-",
-        "step_s": step_s,
-        "train_images_per_sec": batch_size / step_s,
-        "threads": torch.get_num_threads(),
-    }
+    step()  # first call allocates
+    framework = f"pytorch {torch.__version__} eager"
+    conn.send({"framework": framework, "threads": torch.get_num_threads()})
+    while (repeats := conn.recv()) is not None:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t0) / steps)
+        conn.send(times)
+
+
+class TorchStepTimer:
+    """PyTorch eager SGD steps timed in a child process, in rounds that can alternate with JAX.
+
+    A separate process keeps the two frameworks' thread pools apart (PyTorch's OpenMP threads
+    spin after each op and slowed JAX steps by ~20% in one process), and alternating rounds
+    exposes both to the same drift of a shared machine.
+    """
+
+    def __init__(self, spec: ModelSpec, batch_size: int, image_size: int, steps: int = 5):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX, no fork
+        self._conn, child = ctx.Pipe()
+        args = (child, spec, batch_size, image_size, steps)
+        self._proc = ctx.Process(target=_serve, args=args, daemon=True)
+        self._proc.start()
+        self.spec, self.batch_size, self.times = spec, batch_size, []
+        self.info = self._conn.recv()  # the net is built and has taken its first step
+
+    def time(self, repeats: int) -> list[float]:
+        """Seconds per step of `repeats` timings (each the mean of `steps` steps)."""
+        self._conn.send(repeats)
+        times = self._conn.recv()
+        self.times += times
+        return times
+
+    def row(self) -> dict:
+        """The benchmark row: median seconds per step over every timing so far."""
+        step_s = float(np.median(self.times))
+        return {
+            **self.info,
+            "model": self.spec.model,
+            "depth": self.spec.depth,
+            "batch_size": self.batch_size,
+            "precision": "float32",
+            "conv_impl": "-",
+            "step_s": step_s,
+            "train_images_per_sec": self.batch_size / step_s,
+        }
+
+    def close(self) -> None:
+        """Stop the child process."""
+        self._conn.send(None)
+        self._proc.join(timeout=60)

@@ -77,3 +77,22 @@ def test_unknown_preset_fails_in_one_line(capsys):
     assert main(["--preset", "he2099"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --preset he2099")
+
+
+def test_rounds_alternate_with_another_timer():
+    from resnet_flax.benchmark import BenchCase, run_case
+
+    calls = []
+    case = BenchCase(model="plain", depth=8, batch_size=8, image_size=8)
+    row = run_case(case, steps=1, repeats=2, rounds=3, after_round=lambda: calls.append(1))
+    assert len(calls) == 3 and row["step_s"] > 0
+
+
+def test_pytorch_rounds_run_in_their_own_process(tmp_path):
+    pytest.importorskip("torch")
+    args = ["--models", "residual", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
+    args += ["--steps", "1", "--repeats", "2", "--rounds", "2", "--torch"]
+    assert main(args + ["--out", str(tmp_path), "--name", "t"]) == 0
+    jax_row, torch_row = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert jax_row["framework"] == "jax" and torch_row["framework"].startswith("pytorch")
+    assert torch_row["step_s"] > 0 and torch_row["threads"] >= 1
