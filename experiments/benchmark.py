@@ -170,10 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     from resnet_flax.benchmark import BenchCase, input_row, markdown_table, run_case
     from resnet_flax.data import DataError
-    from resnet_flax.torch_baseline import TorchStepTimer, torch_available
+    from resnet_flax.torch_baseline import TorchStepTimer, check_torch_spec, torch_available
 
     if args.torch and not torch_available():  # before anything compiles
         print("error: --torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
+        return 2
+    try:
+        for model, depth in dict.fromkeys((m, d) for m, d, *_ in cases) if args.torch else ():
+            check_torch_spec(ModelSpec(model=model, depth=depth, family=args.family))
+    except ValueError as err:
+        print(f"error: --torch: {err}", file=sys.stderr)
         return 2
     out = Path(args.out or Path("results") / "benchmarks" / device_label())
     stem = args.name or time.strftime("%Y%m%d-%H%M%S")

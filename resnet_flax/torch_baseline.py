@@ -19,14 +19,23 @@ def torch_available() -> bool:
     return True
 
 
+def check_torch_spec(spec: ModelSpec) -> None:
+    """Raise ValueError unless the PyTorch baseline builds this net (no torch import)."""
+    arch = resolve(spec)
+    if spec.family != "cifar" or arch.block != "basic" or spec.model == "preact":
+        raise ValueError(
+            "the PyTorch baseline covers CIFAR plain/residual nets with basic blocks; "
+            f"got {spec.model}-{spec.depth} ({spec.family}, {arch.block} blocks)"
+        )
+
+
 def build_torch_model(spec: ModelSpec):
     """A PyTorch CIFAR plain/residual net with option-A shortcuts, as our Flax one."""
     import torch
     from torch import nn
 
+    check_torch_spec(spec)
     arch = resolve(spec)
-    if spec.family != "cifar" or arch.block != "basic" or spec.model == "preact":
-        raise ValueError("the PyTorch baseline covers CIFAR plain/residual nets with basic blocks")
 
     class BasicBlock(nn.Module):
         def __init__(self, cin, cout, stride):
@@ -62,7 +71,11 @@ def _serve(conn, spec: ModelSpec, batch_size: int, image_size: int, steps: int) 
     import torch
 
     torch.manual_seed(0)
-    model = build_torch_model(spec)
+    try:
+        model = build_torch_model(spec)
+    except ValueError as err:  # the parent raises it again
+        conn.send({"error": str(err)})
+        return
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch_size, 3, image_size, image_size)
     y = torch.randint(0, spec.num_classes, (batch_size,))
@@ -90,8 +103,8 @@ class TorchStepTimer:
     """PyTorch eager SGD steps timed in a child process, in rounds that can alternate with JAX.
 
     A separate process keeps the two frameworks' thread pools apart (PyTorch's OpenMP threads
-    spin after each op and slowed JAX steps by ~20% in one process), and alternating rounds
-    exposes both to the same drift of a shared machine.
+    keep spinning after its ops: alternated in one process, JAX's step measured ~20% slower),
+    and alternating rounds expose both to the same drift of a shared machine.
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int, image_size: int, steps: int = 5):
@@ -102,6 +115,9 @@ class TorchStepTimer:
         self._proc.start()
         self.spec, self.batch_size, self.times = spec, batch_size, []
         self.info = self._conn.recv()  # the net is built and has taken its first step
+        if "error" in self.info:
+            self._proc.join(timeout=60)
+            raise ValueError(self.info["error"])
 
     def time(self, repeats: int) -> list[float]:
         """Seconds per step of `repeats` timings (each the mean of `steps` steps)."""

@@ -96,3 +96,15 @@ def test_pytorch_rounds_run_in_their_own_process(tmp_path):
     jax_row, torch_row = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert jax_row["framework"] == "jax" and torch_row["framework"].startswith("pytorch")
     assert torch_row["step_s"] > 0 and torch_row["threads"] >= 1
+
+
+def test_pytorch_timer_reports_an_unsupported_net(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from resnet_flax.architecture import ModelSpec
+    from resnet_flax.torch_baseline import TorchStepTimer
+
+    with pytest.raises(ValueError, match="plain/residual nets with basic blocks"):
+        TorchStepTimer(ModelSpec(model="preact", depth=20), 8, 8)
+    # the command says so before anything compiles
+    assert main(["--models", "preact", "--depths", "20", "--torch", "--out", str(tmp_path)]) == 2
+    assert "got preact-20" in capsys.readouterr().err
