@@ -35,8 +35,8 @@ test-all: $(STAMP)  ## Lint and run every test, the slow ones too
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)  ## CPU/GPU benchmark of plain and residual 20/56/110 (+ PyTorch if installed)
-	$(PY) -m experiments.benchmark --models plain residual --depths 20 56 110 \
+bench: $(STAMP)  ## CPU/GPU benchmark of plain and residual 20/56/110 (+ PyTorch if installed, rounds alternating)
+	$(PY) -m experiments.benchmark --models plain residual --depths 20 56 110 --repeats 1 --rounds 3 \
 		$(if $(shell $(PY) -c "import torch" 2>/dev/null && echo y),--torch) --name plain_residual_20_56_110
 
 lint: $(STAMP)  ## ruff check and format check
