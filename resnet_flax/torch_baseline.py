@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from resnet_flax.architecture import ModelSpec, resolve
+from resnet_flax.architecture import Architecture, ModelSpec, resolve
 
 
 def torch_available() -> bool:
@@ -19,14 +19,15 @@ def torch_available() -> bool:
     return True
 
 
-def check_torch_spec(spec: ModelSpec) -> None:
-    """Raise ValueError unless the PyTorch baseline builds this net (no torch import)."""
+def check_torch_spec(spec: ModelSpec) -> Architecture:
+    """The resolved net; ValueError unless the PyTorch baseline builds it (no torch import)."""
     arch = resolve(spec)
     if spec.family != "cifar" or arch.block != "basic" or spec.model == "preact":
         raise ValueError(
             "the PyTorch baseline covers CIFAR plain/residual nets with basic blocks; "
             f"got {spec.model}-{spec.depth} ({spec.family}, {arch.block} blocks)"
         )
+    return arch
 
 
 def build_torch_model(spec: ModelSpec):
@@ -34,8 +35,7 @@ def build_torch_model(spec: ModelSpec):
     import torch
     from torch import nn
 
-    check_torch_spec(spec)
-    arch = resolve(spec)
+    arch = check_torch_spec(spec)
 
     class BasicBlock(nn.Module):
         def __init__(self, cin, cout, stride):
