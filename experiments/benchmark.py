@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import re
 import sys
@@ -12,7 +13,12 @@ import time
 from pathlib import Path
 
 from resnet_flax.architecture import ModelSpec, SpecError, check_bn_batch, resolve
-from resnet_flax.cpu_devices import CpuDevicesError, cpu_device_count, use_cpu_devices
+from resnet_flax.cpu_devices import (
+    CpuDevicesError,
+    cpu_device_count,
+    pin_cores,
+    use_cpu_devices,
+)
 from resnet_flax.records import git_commit, library_versions
 
 
@@ -64,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(auto: one per core; 1: a single device using every core through XLA's thread pool)",
     )
     p.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="CPU only: run on the first N cores (JAX and the PyTorch baseline alike); "
+        "1 gives a per-core comparison (JAX on one single-threaded device, PyTorch on one "
+        "thread)",
+    )
+    p.add_argument(
         "--preset",
         default=None,
         help="benchmark the nets a preset sweeps (conf/experiment/NAME.yaml: its model and depth "
@@ -98,8 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def device_label() -> str:
     """A folder name for this device, e.g. 'cpu-2cores' or 'nvidia-h100-80gb-hbm3'."""
-    import os
-
     import jax
 
     kind = jax.devices()[0].device_kind
@@ -158,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         for model, depth, batch, *_, bn_batch in cases:
             resolve(ModelSpec(model=model, depth=depth, family=args.family, bn_batch=bn_batch))
             check_bn_batch(bn_batch, batch)
-        use_cpu_devices(cpu_device_count(args.cpu_devices, args.batch_sizes))
+        if args.cores is not None:
+            pin_cores(args.cores)  # before JAX starts: its thread pools size to these cores
+        count = cpu_device_count(args.cpu_devices, args.batch_sizes)
+        use_cpu_devices(count, single_threaded=args.cores == 1)
     except (SpecError, CpuDevicesError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -191,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": git_commit(),
         "versions": library_versions(),
         "machine": platform.platform(),
+        "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
     rows: list[dict] = []
+    cores_text = "all" if args.cores is None else f"{args.cores} (pinned: {meta['cores']})"
 
     def save(row: dict | None = None, estimate: str = "") -> None:
         """Add a row and rewrite both files: a run cut short keeps every row it measured."""
@@ -204,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.json").write_text(json.dumps({**data, "rows": rows}, indent=2) + "\n")
         (out / f"{stem}.md").write_text(
             f"# Benchmark {stem}\n\nCommand: `{command}`  \nCommit: `{meta['git_commit']}`  \n"
-            f"Machine: {meta['machine']}\n\n{estimate}\n{markdown_table(rows)}\n"
+            f"Machine: {meta['machine']}  \nCores used: {cores_text}\n\n"
+            f"{estimate}\n{markdown_table(rows)}\n"
         )
 
     if args.input:

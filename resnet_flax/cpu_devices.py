@@ -32,6 +32,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def pin_cores(count: int) -> list[int]:
+    """Restrict this process and the processes it starts to the first `count` usable cores.
+
+    For measurements per core (JAX and PyTorch on the same core budget). Returns the cores
+    kept. Raises CpuDevicesError, before anything runs, for a count outside 1..usable cores.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cores:
+        raise CpuDevicesError("pinning to cores needs os.sched_setaffinity (Linux)")
+    if not 1 <= count <= len(cores):
+        raise CpuDevicesError(
+            f"cores must be between 1 and the {len(cores)} usable cores of this machine; "
+            f"got {count}"
+        )
+    os.sched_setaffinity(0, cores[:count])
+    return cores[:count]
+
+
 def cpu_device_count(
     requested: int | str, batch_sizes: Iterable[int], cores: int | None = None
 ) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -70,6 +71,10 @@ def _serve(conn, spec: ModelSpec, batch_size: int, image_size: int, steps: int) 
     """Child process: build the net, take one step, then time `steps` steps per request."""
     import torch
 
+    # One thread per core this process may use: its affinity mask, which the benchmark's
+    # --cores narrows (PyTorch's default counts the machine's cores).
+    if hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     try:
         model = build_torch_model(spec)

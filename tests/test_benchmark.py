@@ -1,10 +1,15 @@
 """The benchmark command at a tiny size: it measures and writes JSON and Markdown."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from experiments.benchmark import main
+from resnet_flax.torch_baseline import torch_available
 
 
 def test_tiny_benchmark_writes_results(tmp_path):
@@ -108,3 +113,31 @@ def test_pytorch_timer_reports_an_unsupported_net(tmp_path, capsys):
     # the command says so before anything compiles
     assert main(["--models", "preact", "--depths", "20", "--torch", "--out", str(tmp_path)]) == 2
     assert "got preact-20" in capsys.readouterr().err
+
+
+def test_benchmark_rejects_more_cores_than_the_machine_has(tmp_path, capsys):
+    assert main(["--depths", "20", "--cores", "4096", "--out", str(tmp_path)]) == 2
+    assert "between 1 and the" in capsys.readouterr().err
+
+
+def test_per_core_benchmark_pins_jax_and_pytorch_to_one_core(tmp_path):
+    # In a subprocess: pinning would otherwise narrow the test session itself.
+    args = ["--models", "residual", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
+    args += ["--steps", "1", "--repeats", "1", "--cores", "1", "--out", str(tmp_path)]
+    args += ["--name", "core"] + (["--torch"] if torch_available() else [])
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "core.json").read_text())
+    assert (
+        len(result["cores"]) == 1 and "Cores used: 1 (pinned" in (tmp_path / "core.md").read_text()
+    )
+    assert result["rows"][0]["device_count"] == 1
+    if torch_available():
+        assert result["rows"][1]["threads"] == 1

@@ -81,3 +81,43 @@ def test_a_device_count_in_xla_flags_wins():
     result, _ = _probe(2, "--xla_force_host_platform_device_count=3")
     assert result["first"] is False and result["devices"] == 3
     assert "eigen" not in result["flags"]
+
+
+PIN_PROBE = """
+import json, multiprocessing, os, sys
+from resnet_flax.cpu_devices import pin_cores
+
+def child(q):
+    q.put(sorted(os.sched_getaffinity(0)))
+
+if __name__ == "__main__":
+    kept = pin_cores(1)
+    q = multiprocessing.get_context("spawn").Queue()
+    p = multiprocessing.get_context("spawn").Process(target=child, args=(q,))
+    p.start()
+    print(json.dumps({"kept": kept, "self": sorted(os.sched_getaffinity(0)), "child": q.get()}))
+    p.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux affinity")
+def test_pin_cores_restricts_the_process_and_the_processes_it_starts(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PIN_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(probe)], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    first = min(os.sched_getaffinity(0))
+    assert result == {"kept": [first], "self": [first], "child": [first]}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux affinity")
+def test_pin_cores_rejects_a_count_outside_the_usable_cores_without_pinning():
+    before = os.sched_getaffinity(0)
+    for bad in (0, len(before) + 1):
+        with pytest.raises(CpuDevicesError, match=f"between 1 and the {len(before)} usable"):
+            cpu_devices.pin_cores(bad)
+    assert os.sched_getaffinity(0) == before
