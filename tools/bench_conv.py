@@ -8,7 +8,13 @@ produced inside the jitted function by a BatchNorm/ReLU/residual-like elementwis
 as in a real network: that is what makes XLA's own kernel gradient slow (it fuses the
 chain into a strided NHWC->CHWN transpose).
 
-Run: .venv/bin/python tools/bench_conv.py [--all] [--reps 7]
+With --torch it also times PyTorch eager's convolution at the same shapes (oneDNN; NCHW, its
+default, and channels-last), forward, dW and dX, after all of JAX's timings (PyTorch's OpenMP
+threads keep spinning after its ops). --one-core pins the process to one core and runs XLA
+single-threaded and PyTorch on one thread: the per-core comparison, as each device of
+resnet_flax.cpu_devices runs.
+
+Run: .venv/bin/python tools/bench_conv.py [--all] [--torch] [--one-core] [--batch 64] [--reps 7]
 Times are the minimum over --reps runs (the machine is shared; the minimum is the least
 disturbed), in milliseconds.
 """
@@ -16,6 +22,8 @@ disturbed), in milliseconds.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,6 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnet_flax import conv as fastconv
+from resnet_flax.cpu_devices import pin_cores
+from resnet_flax.records import git_commit
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -103,6 +113,45 @@ def _fwd_im2col(x, w, stride, pad):
     return p.reshape(-1, p.shape[-1]) @ w.reshape(-1, w.shape[-1])
 
 
+def _torch_rows(shapes: list[tuple], reps: int) -> None:
+    """PyTorch eager's forward, dW and dX at each shape, NCHW and channels-last."""
+    import torch
+
+    def best(fn: Callable) -> float:
+        fn()
+        out = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t)
+        return out * 1e3
+
+    torch.manual_seed(0)
+    for name, n, hw, cin, cout, k, stride, pad in shapes:
+        for impl, fmt in (("torch", torch.contiguous_format), ("t-cl", torch.channels_last)):
+            conv = torch.nn.Conv2d(cin, cout, k, stride, pad, bias=False)
+            conv = conv.to(memory_format=fmt)
+            x = torch.randn(n, cin, hw, hw).to(memory_format=fmt).requires_grad_()
+            y = conv(x)
+            dy = torch.randn_like(y)
+
+            def fwd(conv=conv, x=x):
+                with torch.no_grad():
+                    conv(x)
+
+            def dw(conv=conv, x=x, dy=dy):
+                torch.autograd.grad(conv(x.detach()), conv.weight, dy)
+
+            def dx(conv=conv, x=x, dy=dy):
+                with torch.enable_grad():
+                    conv.weight.requires_grad_(False)
+                    torch.autograd.grad(conv(x), x, dy)
+                    conv.weight.requires_grad_(True)
+
+            row = [best(fwd), best(dw), best(dx)]
+            print(f"{name:24s} {impl:5s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
+
+
 def _residual_stack(conv: Callable, x: jax.Array, ws: list[jax.Array]) -> jax.Array:
     """Residual blocks conv -> affine -> ReLU (+ skip): the pattern that trips XLA's dW."""
     for w in ws:
@@ -116,12 +165,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="also time the matmul alternatives")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch eager's conv")
+    ap.add_argument(
+        "--one-core",
+        action="store_true",
+        help="pin to one core: XLA single-threaded, PyTorch on one thread (per-core numbers)",
+    )
+    ap.add_argument("--batch", type=int, default=128, help="batch of the CIFAR-shaped layers")
     args = ap.parse_args()
+    if args.one_core:
+        pin_cores(1)
+        # read when XLA's CPU client starts, which is at the first computation below
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+        ).strip()
+    if args.torch:
+        import torch
+
+        torch.set_num_threads(1 if args.one_core else len(os.sched_getaffinity(0)))
+    shapes = [(s[0], args.batch if s[1] == 128 else s[1], *s[2:]) for s in SHAPES]
+    print(f"command: python tools/bench_conv.py {' '.join(sys.argv[1:])}  ")
+    print(f"commit: {git_commit()}  ")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, min of {args.reps} runs, ms")
     cols = ["fwd", "dW", "dX"] + (["dW im2col", "dW shifted", "fwd im2col"] if args.all else [])
     print(f"{'layer':24s} {'impl':5s} " + " ".join(f"{c:>10s}" for c in cols))
     key = jax.random.PRNGKey(0)
-    for name, n, hw, cin, cout, k, stride, pad in SHAPES:
+    for name, n, hw, cin, cout, k, stride, pad in shapes:
         z = jax.random.normal(key, (n, hw, hw, cin), jnp.float32)
         s = jnp.full((cin,), 0.5)
         b = jnp.full((cin,), 0.1)
@@ -162,9 +231,12 @@ def main() -> None:
                 )
                 row.append(_timeit(g, z, s, b, w, reps=args.reps))
             print(f"{name:24s} {impl:5s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
-    print("\nfwd+bwd of 6 residual 3x3 conv blocks (conv, affine, ReLU, skip), batch 128, ms")
+    if args.torch:
+        _torch_rows(shapes, args.reps)
+    blocks = "6 residual 3x3 conv blocks (conv, affine, ReLU, skip)"
+    print(f"\nfwd+bwd of {blocks}, batch {args.batch}, ms")
     for hw, c in ((32, 16), (16, 32), (8, 64)):
-        x = jax.random.normal(key, (128, hw, hw, c), jnp.float32)
+        x = jax.random.normal(key, (args.batch, hw, hw, c), jnp.float32)
         ws = [jax.random.normal(key, (3, 3, c, c)) * 0.05 for _ in range(6)]
         row = []
         for conv in (lax.conv_general_dilated, fastconv.select_conv("fast")):
