@@ -9,7 +9,8 @@ as in a real network: that is what makes XLA's own kernel gradient slow (it fuse
 chain into a strided NHWC->CHWN transpose).
 
 With --torch it also times PyTorch eager's convolution at the same shapes (oneDNN; NCHW, its
-default, and channels-last), forward, dW and dX, after all of JAX's timings (PyTorch's OpenMP
+default, and channels-last), forward, dW, dX and dW+dX (both, as a training step asks),
+after all of JAX's timings (PyTorch's OpenMP
 threads keep spinning after its ops). --one-core pins the process to one core and runs XLA
 single-threaded and PyTorch on one thread: the per-core comparison, as each device of
 resnet_flax.cpu_devices runs.
@@ -114,7 +115,7 @@ def _fwd_im2col(x, w, stride, pad):
 
 
 def _torch_rows(shapes: list[tuple], reps: int) -> None:
-    """PyTorch eager's forward, dW and dX at each shape, NCHW and channels-last."""
+    """PyTorch eager's forward, dW, dX and both at each shape, NCHW and channels-last."""
     import torch
 
     def best(fn: Callable) -> float:
@@ -132,23 +133,23 @@ def _torch_rows(shapes: list[tuple], reps: int) -> None:
             conv = torch.nn.Conv2d(cin, cout, k, stride, pad, bias=False)
             conv = conv.to(memory_format=fmt)
             x = torch.randn(n, cin, hw, hw).to(memory_format=fmt).requires_grad_()
-            y = conv(x)
+            y = conv(x)  # one graph; each backward below runs only the requested gradient
             dy = torch.randn_like(y)
 
             def fwd(conv=conv, x=x):
                 with torch.no_grad():
                     conv(x)
 
-            def dw(conv=conv, x=x, dy=dy):
-                torch.autograd.grad(conv(x.detach()), conv.weight, dy)
+            def dw(conv=conv, y=y, dy=dy):
+                torch.autograd.grad(y, conv.weight, dy, retain_graph=True)
 
-            def dx(conv=conv, x=x, dy=dy):
-                with torch.enable_grad():
-                    conv.weight.requires_grad_(False)
-                    torch.autograd.grad(conv(x), x, dy)
-                    conv.weight.requires_grad_(True)
+            def dx(x=x, y=y, dy=dy):
+                torch.autograd.grad(y, x, dy, retain_graph=True)
 
-            row = [best(fwd), best(dw), best(dx)]
+            def both(conv=conv, x=x, y=y, dy=dy):  # what a training step asks for
+                torch.autograd.grad(y, (x, conv.weight), dy, retain_graph=True)
+
+            row = [best(fwd), best(dw), best(dx), best(both)]
             print(f"{name:24s} {impl:5s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
 
 
@@ -187,7 +188,9 @@ def main() -> None:
     print(f"command: python tools/bench_conv.py {' '.join(sys.argv[1:])}  ")
     print(f"commit: {git_commit()}  ")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, min of {args.reps} runs, ms")
-    cols = ["fwd", "dW", "dX"] + (["dW im2col", "dW shifted", "fwd im2col"] if args.all else [])
+    cols = ["fwd", "dW", "dX", "dW+dX"] + (
+        ["dW im2col", "dW shifted", "fwd im2col"] if args.all else []
+    )
     print(f"{'layer':24s} {'impl':5s} " + " ".join(f"{c:>10s}" for c in cols))
     key = jax.random.PRNGKey(0)
     for name, n, hw, cin, cout, k, stride, pad in shapes:
@@ -213,10 +216,12 @@ def main() -> None:
             dx = jax.jit(
                 lambda z, s, b, w, dy, f=f: jax.vjp(lambda x: f(x, w), _producer(z, s, b))[1](dy)[0]
             )
+            dwdx = jax.jit(lambda z, s, b, w, dy, f=f: jax.vjp(f, _producer(z, s, b), w)[1](dy))
             row = [
                 _timeit(fwd, z, s, b, w, reps=args.reps),
                 _timeit(dw, z, s, b, w, dy, reps=args.reps),
                 _timeit(dx, z, s, b, w, dy, reps=args.reps),
+                _timeit(dwdx, z, s, b, w, dy, reps=args.reps),
             ]
             if args.all and impl == "fast":
                 for alt in (_dw_im2col, _dw_shifted):
