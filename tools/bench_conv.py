@@ -9,11 +9,10 @@ as in a real network: that is what makes XLA's own kernel gradient slow (it fuse
 chain into a strided NHWC->CHWN transpose).
 
 With --torch it also times PyTorch eager's convolution at the same shapes (oneDNN; NCHW, its
-default, and channels-last), forward, dW, dX and dW+dX (both, as a training step asks),
-after all of JAX's timings (PyTorch's OpenMP
-threads keep spinning after its ops). --one-core pins the process to one core and runs XLA
-single-threaded and PyTorch on one thread: the per-core comparison, as each device of
-resnet_flax.cpu_devices runs.
+default, and channels-last): forward, dW, dX, and fwd+dW+dX (all three, as a training step
+runs them), after all of JAX's timings (PyTorch's OpenMP threads keep spinning after its
+ops). --one-core pins the process to one core and runs XLA single-threaded and PyTorch on
+one thread: the per-core comparison, as each device of resnet_flax.cpu_devices runs.
 
 Run: .venv/bin/python tools/bench_conv.py [--all] [--torch] [--one-core] [--batch 64] [--reps 7]
 Times are the minimum over --reps runs (the machine is shared; the minimum is the least
@@ -115,7 +114,11 @@ def _fwd_im2col(x, w, stride, pad):
 
 
 def _torch_rows(shapes: list[tuple], reps: int) -> None:
-    """PyTorch eager's forward, dW, dX and both at each shape, NCHW and channels-last."""
+    """PyTorch eager's forward, dW, dX and all three at each shape, NCHW and channels-last.
+
+    dW and dX each run one backward of a kept graph (the kernel alone); fwd+dW+dX builds a
+    new graph every time, as training does (PyTorch then also reorders to oneDNN's layouts).
+    """
     import torch
 
     def best(fn: Callable) -> float:
@@ -146,10 +149,10 @@ def _torch_rows(shapes: list[tuple], reps: int) -> None:
             def dx(x=x, y=y, dy=dy):
                 torch.autograd.grad(y, x, dy, retain_graph=True)
 
-            def both(conv=conv, x=x, y=y, dy=dy):  # what a training step asks for
-                torch.autograd.grad(y, (x, conv.weight), dy, retain_graph=True)
+            def step(conv=conv, x=x, dy=dy):  # what a training step runs: a fresh graph
+                torch.autograd.grad(conv(x), (x, conv.weight), dy)
 
-            row = [best(fwd), best(dw), best(dx), best(both)]
+            row = [best(fwd), best(dw), best(dx), best(step)]
             print(f"{name:24s} {impl:5s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
 
 
@@ -188,7 +191,7 @@ def main() -> None:
     print(f"command: python tools/bench_conv.py {' '.join(sys.argv[1:])}  ")
     print(f"commit: {git_commit()}  ")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, min of {args.reps} runs, ms")
-    cols = ["fwd", "dW", "dX", "dW+dX"] + (
+    cols = ["fwd", "dW", "dX", "fwd+dW+dX"] + (
         ["dW im2col", "dW shifted", "fwd im2col"] if args.all else []
     )
     print(f"{'layer':24s} {'impl':5s} " + " ".join(f"{c:>10s}" for c in cols))
