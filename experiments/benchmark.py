@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         save(row)
-    torch_done: set[tuple[str, int]] = set()
+    torch_done: set[tuple[str, int, int | None]] = set()
     for model, depth, batch, precision, impl, stage_loop, seeds, bn_batch in cases:
         case = BenchCase(
             model,
@@ -255,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             seeds,
             bn_batch,
         )
-        # PyTorch times each net once, at the first batch size, alternating with JAX's rounds.
+        # PyTorch times each net (and BN grouping) once, at the first batch size, alternating
+        # with JAX's rounds.
         timer = None
-        if args.torch and not args.compile_only and (model, depth) not in torch_done:
-            torch_done.add((model, depth))
-            spec = ModelSpec(model=model, depth=depth)
+        if args.torch and not args.compile_only and (model, depth, bn_batch) not in torch_done:
+            torch_done.add((model, depth, bn_batch))
+            spec = ModelSpec(model=model, depth=depth, bn_batch=bn_batch)
             timer = TorchStepTimer(spec, args.batch_sizes[0], size, args.steps)
         try:
             after_round = None if timer is None else (lambda t=timer: t.time(args.repeats))

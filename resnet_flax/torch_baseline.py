@@ -31,20 +31,63 @@ def check_torch_spec(spec: ModelSpec) -> Architecture:
     return arch
 
 
+def _group_batch_norm_class():
+    """`nn.BatchNorm2d` with training statistics per group of images (ModelSpec.bn_batch)."""
+    import torch
+    from torch import nn
+
+    class GroupBatchNorm2d(nn.BatchNorm2d):
+        """Each group of `group` consecutive images normalised by its own mean and variance.
+
+        As resnet_flax.batchnorm.GroupBatchNorm: the running averages move towards the mean
+        over groups of each statistic (PyTorch's conventions: momentum 0.1, unbiased running
+        variance). The whole batch, or evaluation, is `nn.BatchNorm2d` unchanged.
+        """
+
+        def __init__(self, num_features: int, group: int):
+            super().__init__(num_features)
+            self.group = group
+
+        def forward(self, x):
+            if not self.training or x.shape[0] == self.group:
+                return super().forward(x)
+            n, c, h, w = x.shape
+            groups = x.view(n // self.group, self.group, c, h, w)
+            var, mean = torch.var_mean(groups, dim=(1, 3, 4), correction=0, keepdim=True)
+            with torch.no_grad():
+                count = self.group * h * w
+                unbiased = var * (count / max(count - 1, 1))
+                self.running_mean.lerp_(mean.mean(0).flatten(), self.momentum)
+                self.running_var.lerp_(unbiased.mean(0).flatten(), self.momentum)
+                self.num_batches_tracked += 1
+            scale = self.weight.view(1, 1, c, 1, 1) * torch.rsqrt(var + self.eps)
+            y = (groups - mean) * scale + self.bias.view(1, 1, c, 1, 1)
+            return y.view(n, c, h, w)
+
+    return GroupBatchNorm2d
+
+
 def build_torch_model(spec: ModelSpec):
     """A PyTorch CIFAR plain/residual net with option-A shortcuts, as our Flax one."""
     import torch
     from torch import nn
 
     arch = check_torch_spec(spec)
+    group_bn = _group_batch_norm_class() if spec.bn_batch is not None else None
+
+    def batch_norm(channels: int) -> nn.Module:
+        """The spec's BatchNorm: over the whole batch, or per group of bn_batch images."""
+        if group_bn is None:
+            return nn.BatchNorm2d(channels)
+        return group_bn(channels, spec.bn_batch)
 
     class BasicBlock(nn.Module):
         def __init__(self, cin, cout, stride):
             super().__init__()
             self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
+            self.bn1 = batch_norm(cout)
             self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
+            self.bn2 = batch_norm(cout)
             self.stride, self.extra = stride, cout - cin
 
         def forward(self, x):
@@ -57,7 +100,7 @@ def build_torch_model(spec: ModelSpec):
                 out = out + short
             return torch.relu(out)
 
-    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), batch_norm(16), nn.ReLU()]
     cin = 16
     for plan in arch.stages:
         for b in range(plan.num_blocks):
@@ -138,6 +181,7 @@ class TorchStepTimer:
             **self.info,
             "model": self.spec.model,
             "depth": self.spec.depth,
+            "bn_batch": self.spec.bn_batch,
             "batch_size": self.batch_size,
             "precision": "float32",
             "conv_impl": "-",

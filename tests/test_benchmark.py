@@ -141,3 +141,45 @@ def test_per_core_benchmark_pins_jax_and_pytorch_to_one_core(tmp_path):
     assert result["rows"][0]["device_count"] == 1
     if torch_available():
         assert result["rows"][1]["threads"] == 1
+
+
+def test_pytorch_baseline_normalises_groups_of_bn_batch_images():
+    torch = pytest.importorskip("torch")
+    from resnet_flax.architecture import ModelSpec
+    from resnet_flax.torch_baseline import build_torch_model
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 4, 4) * 3 + 1
+    whole = build_torch_model(ModelSpec(model="residual", depth=8))[1]
+    same = build_torch_model(ModelSpec(model="residual", depth=8, bn_batch=8))[1]
+    grouped = build_torch_model(ModelSpec(model="residual", depth=8, bn_batch=4))[1]
+    assert type(whole) is torch.nn.BatchNorm2d and type(grouped).__name__ == "GroupBatchNorm2d"
+    # one group of the whole batch: nn.BatchNorm2d exactly, running statistics included
+    assert torch.equal(same(x), whole(x))
+    assert torch.equal(same.running_mean, whole.running_mean)
+    assert torch.equal(same.running_var, whole.running_var)
+    # two groups: each normalised as nn.BatchNorm2d would normalise it alone
+    halves = [torch.nn.BatchNorm2d(16) for _ in range(2)]
+    expected = torch.cat([bn(x[4 * i : 4 * i + 4]) for i, bn in enumerate(halves)])
+    torch.testing.assert_close(grouped(x), expected)
+    # running statistics move towards the mean over groups of each statistic
+    mean = torch.stack([bn.running_mean for bn in halves]).mean(0)
+    var = torch.stack([bn.running_var for bn in halves]).mean(0)
+    torch.testing.assert_close(grouped.running_mean, mean)
+    torch.testing.assert_close(grouped.running_var, var)
+    grouped.eval()  # evaluation uses the running averages, as nn.BatchNorm2d
+    torch.testing.assert_close(grouped(x), torch.nn.functional.batch_norm(x, mean, var))
+
+
+def test_pytorch_rows_follow_the_bn_batch_of_each_case(tmp_path):
+    pytest.importorskip("torch")
+    args = ["--models", "residual", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
+    args += ["--steps", "1", "--repeats", "1", "--torch", "--bn-batches", "batch", "4"]
+    assert main(args + ["--out", str(tmp_path), "--name", "g"]) == 0
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [(r["framework"][:3], r["bn_batch"]) for r in rows] == [
+        ("jax", None),
+        ("pyt", None),
+        ("jax", 4),
+        ("pyt", 4),
+    ]
