@@ -34,6 +34,7 @@ def check_torch_spec(spec: ModelSpec) -> Architecture:
 def _group_batch_norm_class():
     """`nn.BatchNorm2d` with training statistics per group of images (ModelSpec.bn_batch)."""
     import torch
+    import torch.nn.functional as F
     from torch import nn
 
     class GroupBatchNorm2d(nn.BatchNorm2d):
@@ -51,18 +52,23 @@ def _group_batch_norm_class():
         def forward(self, x):
             if not self.training or x.shape[0] == self.group:
                 return super().forward(x)
-            n, c, h, w = x.shape
-            groups = x.view(n // self.group, self.group, c, h, w)
-            var, mean = torch.var_mean(groups, dim=(1, 3, 4), correction=0, keepdim=True)
+            # PyTorch's own kernel per group (a vectorised var_mean over a grouped view made
+            # the ResNet-20 step 0.49 s instead of 0.34 s). Fresh buffers with momentum 1
+            # receive each group's statistics, in PyTorch's conventions.
+            outs, means, variances = [], [], []
+            for chunk in x.split(self.group):
+                mean = torch.zeros_like(self.running_mean)
+                var = torch.ones_like(self.running_var)
+                outs.append(
+                    F.batch_norm(chunk, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+                )
+                means.append(mean)
+                variances.append(var)
             with torch.no_grad():
-                count = self.group * h * w
-                unbiased = var * (count / max(count - 1, 1))
-                self.running_mean.lerp_(mean.mean(0).flatten(), self.momentum)
-                self.running_var.lerp_(unbiased.mean(0).flatten(), self.momentum)
+                self.running_mean.lerp_(torch.stack(means).mean(0), self.momentum)
+                self.running_var.lerp_(torch.stack(variances).mean(0), self.momentum)
                 self.num_batches_tracked += 1
-            scale = self.weight.view(1, 1, c, 1, 1) * torch.rsqrt(var + self.eps)
-            y = (groups - mean) * scale + self.bias.view(1, 1, c, 1, 1)
-            return y.view(n, c, h, w)
+            return torch.cat(outs)
 
     return GroupBatchNorm2d
 
