@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnet_flax import conv as fastconv
-from resnet_flax.cpu_devices import pin_cores
+from resnet_flax.cpu_devices import pin_cores, usable_cores
 from resnet_flax.records import git_commit
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -186,7 +186,7 @@ def main() -> None:
     if args.torch:
         import torch
 
-        torch.set_num_threads(1 if args.one_core else len(os.sched_getaffinity(0)))
+        torch.set_num_threads(1 if args.one_core else usable_cores())
     shapes = [(s[0], args.batch if s[1] == 128 else s[1], *s[2:]) for s in SHAPES]
     print(f"command: python tools/bench_conv.py {' '.join(sys.argv[1:])}  ")
     print(f"commit: {git_commit()}  ")
