@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_flax.architecture import check_bn_batch
+
 
 class GroupBatchNorm(nnx.BatchNorm):
     """`nnx.BatchNorm` that normalises each group of `group` consecutive images on its own.
@@ -32,8 +34,7 @@ class GroupBatchNorm(nnx.BatchNorm):
             return super().__call__(x, use_running_average, mask=mask)
         if mask is not None:
             raise ValueError("GroupBatchNorm does not take a mask with group statistics")
-        if x.shape[0] % self.group:
-            raise ValueError(f"bn_batch {self.group} does not divide the batch of {x.shape[0]}")
+        check_bn_batch(self.group, x.shape[0])  # SpecError, a ValueError
         # Statistics in at least float32, as nnx.BatchNorm computes them.
         out_dtype = x.dtype if self.dtype is None else self.dtype
         stat_dtype = jnp.promote_types(out_dtype, jnp.float32)

@@ -183,3 +183,13 @@ def test_pytorch_rows_follow_the_bn_batch_of_each_case(tmp_path):
         ("jax", 4),
         ("pyt", 4),
     ]
+
+
+def test_pytorch_group_batchnorm_rejects_a_batch_its_groups_do_not_divide():
+    torch = pytest.importorskip("torch")
+    from resnet_flax.architecture import ModelSpec, SpecError
+    from resnet_flax.torch_baseline import build_torch_model
+
+    bn = build_torch_model(ModelSpec(model="residual", depth=8, bn_batch=4))[1]
+    with pytest.raises(SpecError, match="bn_batch 4 does not divide the batch size 6"):
+        bn(torch.randn(6, 16, 4, 4))

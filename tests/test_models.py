@@ -252,7 +252,7 @@ def test_group_batchnorm_normalises_each_group_on_its_own():
         rtol=1e-5,
         atol=1e-5,
     )
-    with pytest.raises(ValueError, match="does not divide the batch of 6"):
+    with pytest.raises(ValueError, match="bn_batch 4 does not divide the batch size 6"):
         grouped(x[:6], use_running_average=False)
 
 
