@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -26,10 +27,12 @@ from resnet_flax.architecture import SpecError
 from resnet_flax.cpu_devices import (
     CpuDevicesError,
     cpu_device_count,
+    jax_backend_started,
     usable_cores,
     use_cpu_devices,
 )
 from resnet_flax.data import DataError
+from resnet_flax.process_guard import JobDied, run_guarded
 from resnet_flax.train import (
     ConfigError,
     check_trainer,
@@ -60,19 +63,23 @@ def main(cfg: DictConfig) -> dict | None:
         jobs = parallel_jobs(hc)
         cores = max(1, usable_cores() // jobs)
         count = cpu_device_count(cfg.cpu_devices, [trainer.batch_size], cores)
-        use_cpu_devices(count, single_threaded=jobs > 1)
-        enable_compilation_cache(compilation_cache_dir(cfg))
-        maybe_initialize_distributed()
-        import jax  # only after pin_gpu (see the imports above)
-
-        check_trainer(trainer, jax.device_count())
-        dataset = open_data(data_cfg, trainer, info.seed)
-        summary = train(run_dir, spec, data_cfg, optim, trainer, info, dataset=dataset)
+        job = functools.partial(
+            train_job, cfg, run_dir, count, jobs > 1, (spec, data_cfg, optim, trainer, info)
+        )
+        # Collectives between CPU devices of one process can abort it (XLA's timeout): such
+        # runs train in a child process, so the abort is recorded and a sweep goes on.
+        guarded = count > 1 and not jax_backend_started()
+        summary = run_guarded(job, run_dir) if guarded else job()
     except (SpecError, DataError, ConfigError, CpuDevicesError) as err:
         # One clear line instead of a traceback; nothing has compiled yet.
         print(f"error: {err}", file=sys.stderr)
         remove_if_empty(run_dir)
         sys.exit(2)
+    except JobDied as err:
+        print(f"error: {run_dir}: {err}", file=sys.stderr)
+        if hc.mode != RunMode.MULTIRUN:
+            sys.exit(1)
+        return {"status": "failed", "message": str(err)}
     log.info(
         "%s: %s, final training error %s, test error %s",
         run_dir,
@@ -81,6 +88,19 @@ def main(cfg: DictConfig) -> dict | None:
         summary.get("final_test_error"),
     )
     return summary
+
+
+def train_job(cfg: DictConfig, run_dir: Path, count: int, single_threaded: bool, parts) -> dict:
+    """Set up this process's devices, then load the data and train (or resume) the run."""
+    spec, data_cfg, optim, trainer, info = parts
+    use_cpu_devices(count, single_threaded=single_threaded)
+    enable_compilation_cache(compilation_cache_dir(cfg))
+    maybe_initialize_distributed()
+    import jax  # only after pin_gpu (see the imports above)
+
+    check_trainer(trainer, jax.device_count())
+    dataset = open_data(data_cfg, trainer, info.seed)
+    return train(run_dir, spec, data_cfg, optim, trainer, info, dataset=dataset)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,15 @@ def cpu_device_count(
     return count
 
 
+def jax_backend_started() -> bool:
+    """Whether JAX has started a backend in this process (a forked child could not use it)."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # assume started: the safe answer
+        return True
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: True)())
+
+
 def use_cpu_devices(count: int, single_threaded: bool = False) -> bool:
     """Create `count` CPU devices, each single-threaded, before JAX runs anything.
 

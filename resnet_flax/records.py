@@ -1,4 +1,4 @@
-"""Run records: metrics.jsonl, TensorBoard events and summary.json (DESIGN.md section 4)."""
+"""Run records: metrics.jsonl, TensorBoard events and summary.json (the run-directory contract of docs/design.md)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ class Published:
     source: str
 
 
-# DESIGN.md section 5. Table 2 is ImageNet top-1 10-crop; the others are CIFAR-10 test error.
+# The papers' numbers of docs/design.md. Table 2 is ImageNet top-1 10-crop; the others are CIFAR-10 test error.
 PUBLISHED: tuple[Published, ...] = (
     Published("cifar10", "residual", 20, "8.75", "He 2015 Tab. 6"),
     Published("cifar10", "residual", 32, "7.51", "He 2015 Tab. 6"),

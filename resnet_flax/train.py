@@ -52,7 +52,7 @@ class TrainerConfig:
     progress: bool = True
     # How a chunk of steps runs: one lax.scan ("scan"), or a Python loop over a compiled step
     # ("python"). "auto" picks python on CPU, where XLA runs convolution gradients inside
-    # while loops 30x slower than unrolled (measured, DESIGN/README), and scan elsewhere.
+    # while loops 30x slower than unrolled (docs/performance.md), and scan elsewhere.
     step_loop: str = "auto"
     # Seeds seed .. seed+vmap_seeds-1 trained as ONE compiled program (vmap over seeds), each
     # into run_dir/seed_<s>: small models leave a GPU idle, several seeds fill it.
@@ -149,12 +149,24 @@ def stack_trees(trees: list) -> object:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+# Steps dispatched ahead of the running one. XLA:CPU launches each device's part of a
+# multi-device program on a pool of as many threads as devices, and a launch blocks its
+# thread once 32 programs are queued on a device, so an unbounded queue can leave no thread
+# for the other half of an all-reduce: the run deadlocks (see docs/design.md).
+MAX_STEPS_IN_FLIGHT = 2
+
+
 def run_steps(step, state, inputs) -> tuple[dict, dict]:
-    """Apply a compiled step once per input; per-step metrics stacked on a leading axis."""
+    """Apply a compiled step once per input; per-step metrics stacked on a leading axis.
+
+    At most MAX_STEPS_IN_FLIGHT steps wait behind the running one.
+    """
     metrics = []
     for data in inputs:
         state, m = step(state, data)
         metrics.append(m)
+        if len(metrics) > MAX_STEPS_IN_FLIGHT:
+            jax.block_until_ready(metrics[-1 - MAX_STEPS_IN_FLIGHT])
     return state, stack_trees(metrics)
 
 
