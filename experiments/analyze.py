@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from resnet_flax.runs import find_run_dirs
+from resnet_flax.analysis.runs import find_run_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="run directories or sweep directories")
     p.add_argument("--grad-batch", type=int, default=256)
     args = p.parse_args(argv)
-    from resnet_flax.layer_stats import AnalysisError, analyze_run
+    from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
 
     try:
         runs = find_run_dirs([Path(x) for x in args.paths])

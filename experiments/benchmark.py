@@ -12,14 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from resnet_flax.architecture import ModelSpec, SpecError, check_bn_batch, resolve
-from resnet_flax.cpu_devices import (
+from resnet_flax.models.spec import ModelSpec, SpecError, check_bn_batch, resolve
+from resnet_flax.rundir import git_commit, library_versions
+from resnet_flax.training.cpu_devices import (
     CpuDevicesError,
     cpu_device_count,
     pin_cores,
     use_cpu_devices,
 )
-from resnet_flax.records import git_commit, library_versions
 
 
 def bn_batch_arg(text: str) -> int | None:
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     # Compile times are measured cold: never read them from a persistent cache
     # ($JAX_COMPILATION_CACHE_DIR, which `make` sets for training runs).
     jax.config.update("jax_enable_compilation_cache", False)
-    from resnet_flax.benchmark import BenchCase, input_row, markdown_table, run_case
-    from resnet_flax.data import DataError
-    from resnet_flax.torch_baseline import TorchStepTimer, check_torch_spec, torch_available
+    from resnet_flax.bench.step_timer import BenchCase, input_row, markdown_table, run_case
+    from resnet_flax.bench.torch_baseline import TorchStepTimer, check_torch_spec, torch_available
+    from resnet_flax.data.memory import DataError
 
     if args.torch and not torch_available():  # before anything compiles
         print("error: --torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     estimate = ""
     if args.preset and not args.compile_only:
-        from resnet_flax.benchmark import preset_estimate_h
+        from resnet_flax.bench.step_timer import preset_estimate_h
 
         jax_rows = [r for r in rows if r.get("framework") == "jax"]
         for precision in args.precisions:

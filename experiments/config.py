@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -12,11 +11,12 @@ from pathlib import Path
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_flax.architecture import ModelSpec, check_bn_batch, resolve
-from resnet_flax.cpu_devices import usable_cores
-from resnet_flax.data import DataConfig
-from resnet_flax.optim import SCHEDULES, OptimConfig
-from resnet_flax.train import ConfigError, RunInfo, TrainerConfig, seed_run_dirs
+from resnet_flax.data.memory import DataConfig
+from resnet_flax.models.spec import ModelSpec, check_bn_batch, resolve
+from resnet_flax.rundir import RunStatus, read_summary
+from resnet_flax.training.cpu_devices import usable_cores
+from resnet_flax.training.loop import ConfigError, RunInfo, TrainerConfig, seed_run_dirs
+from resnet_flax.training.optim import SCHEDULES, OptimConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Files that only Hydra writes before the job starts; a directory holding nothing else is no run.
@@ -192,15 +192,14 @@ def completed_summary(run_dir: Path, trainer: TrainerConfig, seed: int) -> dict 
     """
     summaries = []
     for seed_dir in seed_run_dirs(run_dir, [seed + k for k in range(trainer.vmap_seeds)]):
-        try:
-            summary = json.loads((seed_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            return None
-        done = summary.get("status") == "completed"
+        summary = read_summary(seed_dir)
+        done = summary.get("status") == RunStatus.COMPLETED
         if not (done and int(summary.get("iterations") or 0) >= trainer.iterations):
             return None
         summaries.append(summary)
-    return summaries[0] if len(summaries) == 1 else {"status": "completed", "runs": summaries}
+    return (
+        summaries[0] if len(summaries) == 1 else {"status": RunStatus.COMPLETED, "runs": summaries}
+    )
 
 
 def remove_if_empty(run_dir: Path) -> None:

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from experiments import plot
-from resnet_flax.runs import load_runs
+from resnet_flax.analysis.runs import load_runs
 
 EXPERIMENT = "digits_degradation"
 
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def publish(sweep_dir: Path, target: Path, argv: Sequence[str] | None, sweep_s, total_s) -> None:
     """Copy the figures and report to a curated folder, with the command and commit."""
-    from resnet_flax.records import git_commit
+    from resnet_flax.rundir import git_commit
 
     # Before the copies below: they change tracked files, which would mark the commit dirty.
     commit = git_commit()

@@ -9,8 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.config import architecture_fields
-from resnet_flax.architecture import ModelSpec, SpecError
-from resnet_flax.summary import summarize
+from resnet_flax.models.counts import summarize
+from resnet_flax.models.spec import ModelSpec, SpecError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="model_info")

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from resnet_flax.plots import make_all_figures
-from resnet_flax.report import write_report
-from resnet_flax.runs import load_runs
+from resnet_flax.analysis.plots import make_all_figures
+from resnet_flax.analysis.report import write_report
+from resnet_flax.analysis.runs import load_runs
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

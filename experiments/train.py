@@ -23,17 +23,18 @@ from experiments.config import (
     remove_if_empty,
     to_library,
 )
-from resnet_flax.architecture import SpecError
-from resnet_flax.cpu_devices import (
+from resnet_flax.data.memory import DataError
+from resnet_flax.models.spec import SpecError
+from resnet_flax.rundir import RunStatus
+from resnet_flax.training.cpu_devices import (
     CpuDevicesError,
     cpu_device_count,
     jax_backend_started,
     usable_cores,
     use_cpu_devices,
 )
-from resnet_flax.data import DataError
-from resnet_flax.process_guard import JobDied, run_guarded
-from resnet_flax.train import (
+from resnet_flax.training.guard import JobDied, run_guarded
+from resnet_flax.training.loop import (
     ConfigError,
     check_trainer,
     enable_compilation_cache,
@@ -79,7 +80,7 @@ def main(cfg: DictConfig) -> dict | None:
         print(f"error: {run_dir}: {err}", file=sys.stderr)
         if hc.mode != RunMode.MULTIRUN:
             sys.exit(1)
-        return {"status": "failed", "message": str(err)}
+        return {"status": RunStatus.FAILED, "message": str(err)}
     log.info(
         "%s: %s, final training error %s, test error %s",
         run_dir,

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from resnet_flax.architecture import ModelSpec
-from resnet_flax.data import DataConfig
-from resnet_flax.layer_stats import AnalysisError, analyze_run
-from resnet_flax.optim import OptimConfig
-from resnet_flax.train import RunInfo, TrainerConfig, train
+from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
+from resnet_flax.data.memory import DataConfig
+from resnet_flax.models.spec import ModelSpec
+from resnet_flax.training.loop import RunInfo, TrainerConfig, train
+from resnet_flax.training.optim import OptimConfig
 
 
 def test_analysis_of_a_trained_run(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from experiments.benchmark import main
-from resnet_flax.torch_baseline import torch_available
+from resnet_flax.bench.torch_baseline import torch_available
 
 
 def test_tiny_benchmark_writes_results(tmp_path):
@@ -42,7 +42,7 @@ def test_benchmark_rejects_a_bn_batch_that_does_not_divide_the_batch(tmp_path, c
 
 def test_input_pipeline_throughput_next_to_training(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    from resnet_flax.fake_data import build_fake_imagenette
+    from resnet_flax.data.generated import build_fake_imagenette
 
     data_dir = build_fake_imagenette(tmp_path / "tfds", 4, 1, size=(40, 48), classes=4)
     args = ["--models", "plain", "--depths", "8", "--batch-sizes", "8", "--image-size", "16"]
@@ -64,7 +64,7 @@ def test_input_benchmark_without_the_dataset_fails_in_one_line(tmp_path, capsys)
 
 def test_preset_jobs_and_wall_time_estimate():
     from experiments.benchmark import preset_jobs
-    from resnet_flax.benchmark import preset_estimate_h
+    from resnet_flax.bench.step_timer import preset_estimate_h
 
     jobs, batch, iterations, bn_batch = preset_jobs("he2015_fig6")
     assert batch == 128 and iterations == 64_000 and bn_batch == 64
@@ -85,7 +85,7 @@ def test_unknown_preset_fails_in_one_line(capsys):
 
 
 def test_rounds_alternate_with_another_timer():
-    from resnet_flax.benchmark import BenchCase, run_case
+    from resnet_flax.bench.step_timer import BenchCase, run_case
 
     calls = []
     case = BenchCase(model="plain", depth=8, batch_size=8, image_size=8)
@@ -105,8 +105,8 @@ def test_pytorch_rounds_run_in_their_own_process(tmp_path):
 
 def test_pytorch_timer_reports_an_unsupported_net(tmp_path, capsys):
     pytest.importorskip("torch")
-    from resnet_flax.architecture import ModelSpec
-    from resnet_flax.torch_baseline import TorchStepTimer
+    from resnet_flax.bench.torch_baseline import TorchStepTimer
+    from resnet_flax.models.spec import ModelSpec
 
     with pytest.raises(ValueError, match="plain/residual nets with basic blocks"):
         TorchStepTimer(ModelSpec(model="preact", depth=20), 8, 8)
@@ -145,8 +145,8 @@ def test_per_core_benchmark_pins_jax_and_pytorch_to_one_core(tmp_path):
 
 def test_pytorch_baseline_normalises_groups_of_bn_batch_images():
     torch = pytest.importorskip("torch")
-    from resnet_flax.architecture import ModelSpec
-    from resnet_flax.torch_baseline import build_torch_model
+    from resnet_flax.bench.torch_baseline import build_torch_model
+    from resnet_flax.models.spec import ModelSpec
 
     torch.manual_seed(0)
     x = torch.randn(8, 16, 4, 4) * 3 + 1
@@ -187,8 +187,8 @@ def test_pytorch_rows_follow_the_bn_batch_of_each_case(tmp_path):
 
 def test_pytorch_group_batchnorm_rejects_a_batch_its_groups_do_not_divide():
     torch = pytest.importorskip("torch")
-    from resnet_flax.architecture import ModelSpec, SpecError
-    from resnet_flax.torch_baseline import build_torch_model
+    from resnet_flax.bench.torch_baseline import build_torch_model
+    from resnet_flax.models.spec import ModelSpec, SpecError
 
     bn = build_torch_model(ModelSpec(model="residual", depth=8, bn_batch=4))[1]
     with pytest.raises(SpecError, match="bn_batch 4 does not divide the batch size 6"):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from resnet_flax.conv import conv_general_dilated, select_conv
+from resnet_flax.models.conv import conv_general_dilated, select_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -178,7 +178,7 @@ def test_batch_sharded_jit():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from jax import lax
-        from resnet_flax.conv import conv_general_dilated
+        from resnet_flax.models.conv import conv_general_dilated
         mesh = Mesh(np.array(jax.devices()), ("data",))
         x = jax.random.normal(jax.random.PRNGKey(0), (8, 8, 8, 4))
         w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 4))

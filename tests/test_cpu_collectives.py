@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_flax.process_guard import JobDied, mark_unfinished_failed, run_guarded
+from resnet_flax.rundir import mark_unfinished_failed
+from resnet_flax.training.guard import JobDied, run_guarded
 
 ROOT = Path(__file__).resolve().parent.parent
 # XLA's stuck-collective timeouts cut from 20 s / 40 s to 1 s / 3 s, so a deadlock aborts fast.
@@ -29,7 +30,7 @@ STRESS = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_num_cpu_devices", 2)
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from resnet_flax import train
+    from resnet_flax.training import loop as train
     train.MAX_STEPS_IN_FLIGHT = int(sys.argv[1])
     mesh = Mesh(np.array(jax.devices()), ("data",))
     x = jax.device_put(jnp.ones((64, 64, 64)), NamedSharding(mesh, P("data")))

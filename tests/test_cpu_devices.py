@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from resnet_flax import cpu_devices
-from resnet_flax.cpu_devices import CpuDevicesError, cpu_device_count
+from resnet_flax.training import cpu_devices
+from resnet_flax.training.cpu_devices import CpuDevicesError, cpu_device_count
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def test_explicit_count_is_kept_or_rejected_with_what_to_do():
 PROBE = """
 import json, logging, os, sys
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
-from resnet_flax.cpu_devices import use_cpu_devices
+from resnet_flax.training.cpu_devices import use_cpu_devices
 import jax
 first = use_cpu_devices(int(sys.argv[1]))
 devices = len(jax.devices())
@@ -85,7 +85,7 @@ def test_a_device_count_in_xla_flags_wins():
 
 PIN_PROBE = """
 import json, multiprocessing, os, sys
-from resnet_flax.cpu_devices import pin_cores
+from resnet_flax.training.cpu_devices import pin_cores
 
 def child(q):
     q.put(sorted(os.sched_getaffinity(0)))

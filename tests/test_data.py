@@ -7,8 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax import augment as aug
-from resnet_flax.data import DataConfig, DataError, hold_out_validation, load_dataset, load_npz
+from resnet_flax.data import augment as aug
+from resnet_flax.data.memory import (
+    DataConfig,
+    DataError,
+    hold_out_validation,
+    load_dataset,
+    load_npz,
+)
 
 
 def test_digits_are_real_uint8_images():

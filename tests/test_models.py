@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_flax.architecture import ModelSpec, SpecError, resolve
-from resnet_flax.models import (
+from resnet_flax.models.counts import count_params, summarize
+from resnet_flax.models.resnet import (
     Block,
     ResNet,
     Stage,
@@ -17,7 +17,7 @@ from resnet_flax.models import (
     build_model,
     flatten_responses,
 )
-from resnet_flax.summary import count_params, summarize
+from resnet_flax.models.spec import ModelSpec, SpecError, resolve
 
 CIFAR_PARAMS = {
     20: 269_722,
@@ -156,7 +156,7 @@ def test_zero_init_residual_option_makes_blocks_identity_at_init():
 
 
 def test_scanned_stage_equals_sequential_blocks():
-    from resnet_flax.architecture import StagePlan
+    from resnet_flax.models.spec import StagePlan
 
     spec = ModelSpec(depth=20)
     stage = Stage(spec, "basic", 16, StagePlan(3, 16, 16, 1), nnx.Rngs(3))
@@ -172,7 +172,7 @@ def test_scanned_stage_equals_sequential_blocks():
 
 @pytest.mark.parametrize("blocks", [2, 3])  # 2: one block after the first (no scan at all)
 def test_unrolled_stage_equals_scanned_stage_in_training(blocks):
-    from resnet_flax.architecture import StagePlan
+    from resnet_flax.models.spec import StagePlan
 
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16))
     results = {}
@@ -225,7 +225,7 @@ def test_compiled_initialisation_draws_the_op_by_op_parameters():
 
 
 def test_group_batchnorm_normalises_each_group_on_its_own():
-    from resnet_flax.batchnorm import GroupBatchNorm
+    from resnet_flax.models.batchnorm import GroupBatchNorm
 
     x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3 + 1
     whole = GroupBatchNorm(3, group=8, momentum=0.9, rngs=nnx.Rngs(0))
@@ -273,8 +273,8 @@ SHARDED_BN = """
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from resnet_flax.architecture import ModelSpec
-from resnet_flax.models import build_model
+from resnet_flax.models.spec import ModelSpec
+from resnet_flax.models.resnet import build_model
 x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
 mesh = Mesh(np.array(jax.devices()), ("data",))
 for bn_batch in (None, 4, 2):

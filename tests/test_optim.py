@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from resnet_flax.architecture import ModelSpec
-from resnet_flax.models import build_model
-from resnet_flax.optim import OptimConfig, learning_rate, make_schedule, weight_decay_mask
+from resnet_flax.models.resnet import build_model
+from resnet_flax.models.spec import ModelSpec
+from resnet_flax.training.optim import OptimConfig, learning_rate, make_schedule, weight_decay_mask
 
 
 def test_paper_schedule_divides_by_ten_at_32k_and_48k():

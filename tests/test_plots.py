@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # share the run builders of test
 from test_runs import make_sweep, write_run  # noqa: E402
 
 from experiments.plot import main, output_dirs  # noqa: E402
-from resnet_flax.plots import (  # noqa: E402
+from resnet_flax.analysis.plots import (  # noqa: E402
     depth_colors,
     fig1_plain,
     fig6_panel_specs,
@@ -20,7 +20,7 @@ from resnet_flax.plots import (  # noqa: E402
     layer_response_std,
     make_all_figures,
 )
-from resnet_flax.runs import load_analyses, load_curves, load_runs, select_final  # noqa: E402
+from resnet_flax.analysis.runs import load_analyses, load_curves, load_runs, select_final  # noqa: E402
 
 ALL_FIGURES = {
     "fig1_plain",

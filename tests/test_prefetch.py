@@ -13,8 +13,8 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from resnet_flax.prefetch import DevicePrefetcher
-    from resnet_flax.train import make_mesh
+    from resnet_flax.data.prefetch import DevicePrefetcher
+    from resnet_flax.training.loop import make_mesh
 
     mesh = make_mesh()
     assert mesh.size == 8

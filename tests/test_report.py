@@ -12,14 +12,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # share the run builders of test_runs
 from test_runs import make_sweep, write_run  # noqa: E402
 
-from resnet_flax.report import (  # noqa: E402
+from resnet_flax.analysis.report import (  # noqa: E402
     comparison_table,
     degradation_verdict,
     final_table,
     published_for,
     write_report,
 )
-from resnet_flax.runs import load_runs  # noqa: E402
+from resnet_flax.analysis.runs import load_runs  # noqa: E402
 
 
 def _load(path: Path) -> pd.DataFrame:

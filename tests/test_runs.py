@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from resnet_flax.runs import (
+from resnet_flax.analysis.runs import (
     find_run_dirs,
     load_metrics,
     load_runs,

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from resnet_flax.data import DataConfig, DataError, load_dataset
-from resnet_flax.streaming import (
+from resnet_flax.data.memory import DataConfig, DataError, load_dataset
+from resnet_flax.data.stream import (
     AUGMENTATIONS,
     STREAMING_DATASETS,
     is_streaming,
@@ -88,7 +88,7 @@ def take(iterator, n: int) -> list:
 
 
 def test_importing_the_module_does_not_import_tensorflow():
-    code = "import sys, resnet_flax.streaming; assert 'tensorflow' not in sys.modules"
+    code = "import sys, resnet_flax.data.stream; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert is_streaming("imagenet2012") and is_streaming("imagenette")
     assert not is_streaming("cifar10") and STREAMING_DATASETS == ("imagenet2012", "imagenette")
@@ -279,7 +279,7 @@ def test_load_dataset_points_streamed_sets_to_open_stream():
 
 
 def test_generated_imagenette_uses_tfds_class_names():
-    from resnet_flax.fake_data import IMAGENETTE_WNIDS
+    from resnet_flax.data.generated import IMAGENETTE_WNIDS
 
     names = tfds.core.tfds_path("image_classification/imagenette_labels.txt").read_text()
     assert tuple(names.split()) == IMAGENETTE_WNIDS

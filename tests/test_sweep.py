@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_flax.cpu_devices import cpu_device_count, usable_cores
-from resnet_flax.runs import parse_override_dirname
+from resnet_flax.analysis.runs import parse_override_dirname
+from resnet_flax.training.cpu_devices import cpu_device_count, usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 # A few iterations of depth-8 and depth-14 nets on the bundled digits: seconds per job.

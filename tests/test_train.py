@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_flax.architecture import ModelSpec
-from resnet_flax.data import DataConfig
-from resnet_flax.optim import OptimConfig
-from resnet_flax.records import read_metrics
-from resnet_flax.train import ConfigError, RunInfo, TrainerConfig, check_trainer, train
+from resnet_flax.data.memory import DataConfig
+from resnet_flax.models.spec import ModelSpec
+from resnet_flax.rundir import read_metrics
+from resnet_flax.training.loop import ConfigError, RunInfo, TrainerConfig, check_trainer, train
+from resnet_flax.training.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelSpec(model="residual", depth=8)
@@ -87,7 +87,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 def test_non_finite_loss_ends_run_as_diverged(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    from resnet_flax import train as train_module
+    from resnet_flax.training import loop as train_module
 
     real = train_module.cross_entropy
     monkeypatch.setattr(train_module, "cross_entropy", lambda logits, y: real(logits, y) * jnp.nan)
@@ -109,10 +109,10 @@ def test_bad_intervals_fail_before_compiling():
 WORKER = textwrap.dedent(
     """
     import json, sys
-    from resnet_flax.architecture import ModelSpec
-    from resnet_flax.data import DataConfig
-    from resnet_flax.optim import OptimConfig
-    from resnet_flax.train import RunInfo, TrainerConfig, train
+    from resnet_flax.models.spec import ModelSpec
+    from resnet_flax.data.memory import DataConfig
+    from resnet_flax.training.optim import OptimConfig
+    from resnet_flax.training.loop import RunInfo, TrainerConfig, train
     run_dir, iterations, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     trainer = TrainerConfig(iterations=iterations, batch_size=batch, log_every=5,
                             eval_every=10, checkpoint_every=10, progress=False)
@@ -204,7 +204,7 @@ def test_eight_devices_match_one_device(tmp_path):
 
 
 def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
-    from resnet_flax.runs import find_run_dirs, load_runs
+    from resnet_flax.analysis.runs import find_run_dirs, load_runs
 
     group = TrainerConfig(**{**QUICK.__dict__, "vmap_seeds": 2, "iterations": 10})
     result = train(tmp_path / "group", TINY, DIGITS, RECIPE, group, RunInfo("t", 4))
@@ -242,7 +242,7 @@ def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
 def imagenette_dir(tmp_path_factory):
     """A real TFDS imagenette/320px-v2 built by TFDS's builder from generated JPEGs."""
     pytest.importorskip("tensorflow_datasets")
-    from resnet_flax.fake_data import build_fake_imagenette
+    from resnet_flax.data.generated import build_fake_imagenette
 
     root = tmp_path_factory.mktemp("imagenette")
     return build_fake_imagenette(root, 8, 4, size=(36, 40), classes=3)
@@ -303,7 +303,7 @@ def test_residual_20_learns_digits_within_two_minutes(tmp_path):
 def test_array_eval_batches_cover_every_row_once_in_one_shape(monkeypatch):
     import jax
 
-    from resnet_flax.train import array_eval_batches
+    from resnet_flax.training.loop import array_eval_batches
 
     x, y = np.arange(10)[:, None] * np.ones((1, 3)), np.arange(10)
     batches = list(array_eval_batches(x, y, 4))
@@ -327,9 +327,9 @@ def test_evaluation_compiles_once_for_every_split_and_matches_a_full_forward():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from resnet_flax import augment as aug
-    from resnet_flax.data import load_dataset
-    from resnet_flax.train import array_eval_batches, evaluate_batches, prepare
+    from resnet_flax.data import augment as aug
+    from resnet_flax.data.memory import load_dataset
+    from resnet_flax.training.loop import array_eval_batches, evaluate_batches, prepare
 
     data = load_dataset(DIGITS)
     prep = prepare(TINY, data, DIGITS, RECIPE, QUICK, seed=0)

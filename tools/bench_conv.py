@@ -1,8 +1,8 @@
-"""Micro-benchmark of the convolution passes: XLA's autodiff vs resnet_flax.conv's fast VJP.
+"""Micro-benchmark of the convolution passes: XLA's autodiff vs resnet_flax.models.conv's fast VJP.
 
 For each layer shape it times, under jit on the CPU, the forward pass, the kernel
 gradient (dW) and the input gradient (dX) of `lax.conv_general_dilated` ("xla") and of
-`resnet_flax.conv.conv_general_dilated` ("fast"), plus (with --all) the matrix-product
+`resnet_flax.models.conv.conv_general_dilated` ("fast"), plus (with --all) the matrix-product
 alternatives that were tried for dW and the forward pass. The convolution input is
 produced inside the jitted function by a BatchNorm/ReLU/residual-like elementwise chain,
 as in a real network: that is what makes XLA's own kernel gradient slow (it fuses the
@@ -12,7 +12,7 @@ With --torch it also times PyTorch eager's convolution at the same shapes (oneDN
 default, and channels-last): forward, dW, dX, and fwd+dW+dX (all three, as a training step
 runs them), after all of JAX's timings (PyTorch's OpenMP threads keep spinning after its
 ops). --one-core pins the process to one core and runs XLA single-threaded and PyTorch on
-one thread: the per-core comparison, as each device of resnet_flax.cpu_devices runs.
+one thread: the per-core comparison, as each device of resnet_flax.training.cpu_devices runs.
 
 Run: .venv/bin/python tools/bench_conv.py [--all] [--torch] [--one-core] [--batch 64] [--reps 7]
 Times are the minimum over --reps runs (the machine is shared; the minimum is the least
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_flax import conv as fastconv
-from resnet_flax.cpu_devices import pin_cores, usable_cores
-from resnet_flax.records import git_commit
+from resnet_flax.models import conv as fastconv
+from resnet_flax.rundir import git_commit
+from resnet_flax.training.cpu_devices import pin_cores, usable_cores
 
 DN = ("NHWC", "HWIO", "NHWC")
 

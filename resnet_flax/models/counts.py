@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from resnet_flax.architecture import Architecture, ModelSpec, resolve
-from resnet_flax.models import ResNet, abstract_model
+from resnet_flax.models.resnet import ResNet, abstract_model
+from resnet_flax.models.spec import Architecture, ModelSpec, resolve
 
 INPUT_SIZE = {"cifar": 32, "imagenet": 224}
 

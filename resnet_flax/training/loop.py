@@ -23,17 +23,30 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from resnet_flax import augment as aug
-from resnet_flax.architecture import ModelSpec, check_bn_batch, resolve
-from resnet_flax.checkpoints import Checkpointer, abstract_like, restore_common
-from resnet_flax.data import DataConfig, Dataset, load_dataset
-from resnet_flax.models import build_model
-from resnet_flax.optim import OptimConfig, apply_lr, learning_rate, make_optimizer, make_schedule
-from resnet_flax.prefetch import DevicePrefetcher
-from resnet_flax.records import RunRecorder, git_commit, library_versions
-from resnet_flax.runs import SEED_GROUP_MARKER
-from resnet_flax.streaming import Stream, is_streaming, open_stream
-from resnet_flax.summary import count_params
+from resnet_flax.data import augment as aug
+from resnet_flax.data.memory import DataConfig, Dataset, load_dataset
+from resnet_flax.data.prefetch import DevicePrefetcher
+from resnet_flax.data.stream import Stream, is_streaming, open_stream
+from resnet_flax.models.counts import count_params
+from resnet_flax.models.resnet import build_model
+from resnet_flax.models.spec import ModelSpec, check_bn_batch, resolve
+from resnet_flax.rundir import (
+    RUN_CONFIG_FILE,
+    SEED_GROUP_MARKER,
+    RunRecorder,
+    RunStatus,
+    git_commit,
+    library_versions,
+    read_summary,
+)
+from resnet_flax.training.checkpoints import Checkpointer, abstract_like, restore_common
+from resnet_flax.training.optim import (
+    OptimConfig,
+    apply_lr,
+    learning_rate,
+    make_optimizer,
+    make_schedule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +553,7 @@ class SeedRun:
     checkpointer: Checkpointer
     base_summary: dict
     wall_before: float
-    status: str = "running"
+    status: RunStatus = RunStatus.RUNNING
     message: str | None = None
 
     def summary(self, iteration: int, steps_per_epoch: int) -> dict:
@@ -564,7 +577,7 @@ def train(
     With trainer.vmap_seeds = k > 1, seeds info.seed .. info.seed+k-1 train as one compiled
     program, each into run_dir/seed_<s>; the return value then holds every seed's summary
     under "runs". Bad configurations raise before anything compiles. A non-finite loss ends
-    a run with status "diverged" (returned, not raised) so a sweep can go on.
+    a run with status RunStatus.DIVERGED (returned, not raised) so a sweep can go on.
     """
     run_dir = Path(run_dir)
     check_trainer(trainer, len(jax.devices()))
@@ -626,10 +639,12 @@ def train(
         recorder = RunRecorder(d, resume_from=start, write=writer)
         if writer:
             write_run_config(d, spec, data_cfg, optim, trainer, seed_info)
-        previous = _read_previous_summary(d)
+        previous = read_summary(d)
         wall_before = previous.get("wall_time_s", 0.0) if start > 0 else 0.0
         run = SeedRun(seed_info, d, recorder, ckpt, {**common, "seed": seed}, wall_before)
-        recorder.write_summary({**run.base_summary, "status": "running", "iterations": start})
+        recorder.write_summary(
+            {**run.base_summary, "status": RunStatus.RUNNING, "iterations": start}
+        )
         runs.append(run)
 
     def per_seed(value, index: int):
@@ -652,7 +667,7 @@ def train(
         test = evaluate("test")
         val = evaluate("val") if stream is None and data.x_val is not None else None
         for k, run in enumerate(runs):
-            if run.status != "running":
+            if run.status != RunStatus.RUNNING:
                 continue
             out = {**line, "test_loss": test[k][0], "test_error": test[k][1]}
             if val is not None:
@@ -700,7 +715,7 @@ def train(
         if start == 0:
             # The curves start at the untrained network, as the paper's figures do.
             log_eval(0)
-        while iteration < trainer.iterations and any(r.status == "running" for r in runs):
+        while iteration < trainer.iterations and any(r.status == RunStatus.RUNNING for r in runs):
             length = min(trainer.log_every, trainer.iterations - iteration)
             wait_before = batches.wait_s if batches is not None else 0.0
             compile_before = compile_time
@@ -724,7 +739,7 @@ def train(
             done = iteration >= trainer.iterations
             shown = None  # the progress bar shows the first seed still running
             for k, run in enumerate(runs):
-                if run.status != "running":
+                if run.status != RunStatus.RUNNING:
                     continue
                 losses = np.asarray(per_seed(metrics["loss"], k), dtype=np.float64)
                 seed_line = {
@@ -737,7 +752,7 @@ def train(
                 shown = shown or seed_line
                 if not np.all(np.isfinite(losses)):
                     bad = int(np.argmax(~np.isfinite(losses)))
-                    run.status = "diverged"
+                    run.status = RunStatus.DIVERGED
                     run.message = (
                         f"non-finite training loss at iteration {iteration - length + bad + 1}; "
                         "lower optim.lr or use a warm-up (optim.warmup_lr)"
@@ -753,13 +768,13 @@ def train(
                 log_eval(iteration)
             if iteration % trainer.checkpoint_every == 0 or done:
                 for k, run in enumerate(runs):
-                    if run.status == "running":
+                    if run.status == RunStatus.RUNNING:
                         run.checkpointer.save(iteration, seed_state(state, k) if stacked else state)
     except BaseException as err:
         message = f"{type(err).__name__}: {err}"
         for run in runs:
-            run.status, run.message = "failed", message
-            failed = {"status": "failed", "iterations": iteration, "message": message}
+            run.status, run.message = RunStatus.FAILED, message
+            failed = {"status": RunStatus.FAILED, "iterations": iteration, "message": message}
             run.recorder.write_summary({**run.base_summary, **failed})
         raise
     finally:
@@ -772,10 +787,10 @@ def train(
     final_train = evaluate("train") if stream is None and iteration >= trainer.iterations else None
     summaries = []
     for k, run in enumerate(runs):
-        if run.status == "running":
-            run.status = "completed"
+        if run.status == RunStatus.RUNNING:
+            run.status = RunStatus.COMPLETED
         summary = run.summary(iteration, steps_per_epoch)
-        if run.status == "completed" and final_train is not None:
+        if run.status == RunStatus.COMPLETED and final_train is not None:
             summary["final_train_loss"], summary["final_train_error"] = final_train[k]
         summary["compile_time_s"] = compile_time
         summary["wall_time_s"] = run.wall_before + time.perf_counter() - t_start
@@ -789,7 +804,7 @@ def train(
     if not stacked:
         return summaries[0]
     statuses = {s["status"] for s in summaries}
-    status = "completed" if statuses == {"completed"} else "diverged"
+    status = RunStatus.COMPLETED if statuses == {RunStatus.COMPLETED} else RunStatus.DIVERGED
     return {"status": status, "seeds": seeds, "runs": summaries}
 
 
@@ -809,15 +824,7 @@ def write_run_config(
         "trainer": dataclasses.asdict(trainer),
         "info": dataclasses.asdict(info),
     }
-    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _read_previous_summary(run_dir: Path) -> dict:
-    """The summary of an earlier attempt at this run (for accumulated wall time)."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    (run_dir / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _final_numbers(history: list[dict], steps_per_epoch: int, iteration: int) -> dict:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from resnet_flax.rundir import mark_unfinished_failed
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-SUMMARY_FILE = "summary.json"
 
 
 class JobDied(RuntimeError):
@@ -34,24 +32,6 @@ def death_reason(exitcode: int | None) -> str:
         )
         return f"the training process was killed by {name} ({why})"
     return f"the training process exited with code {exitcode} without a result"
-
-
-def mark_unfinished_failed(run_dir: Path, message: str) -> list[Path]:
-    """Set status 'failed' with `message` in every summary.json under run_dir still 'running'."""
-    marked = []
-    for path in sorted(Path(run_dir).glob(f"**/{SUMMARY_FILE}")):
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if summary.get("status") != "running":
-            continue
-        summary.update(status="failed", message=message)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, path)
-        marked.append(path)
-    return marked
 
 
 def run_guarded(job: Callable[[], T], run_dir: Path) -> T:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_flax.architecture import check_bn_batch
+from resnet_flax.models.spec import check_bn_batch
 
 
 class GroupBatchNorm(nnx.BatchNorm):

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from resnet_flax.runs import load_analyses, load_curves, mean_std, select_final  # noqa: E402
+from resnet_flax.analysis.runs import load_analyses, load_curves, mean_std, select_final  # noqa: E402
 
 log = logging.getLogger(__name__)
 

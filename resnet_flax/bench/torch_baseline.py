@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from resnet_flax.architecture import Architecture, ModelSpec, check_bn_batch, resolve
+from resnet_flax.models.spec import Architecture, ModelSpec, check_bn_batch, resolve
 
 
 def torch_available() -> bool:
@@ -40,7 +40,7 @@ def _group_batch_norm_class():
     class GroupBatchNorm2d(nn.BatchNorm2d):
         """Each group of `group` consecutive images normalised by its own mean and variance.
 
-        As resnet_flax.batchnorm.GroupBatchNorm: the running averages move towards the mean
+        As resnet_flax.models.batchnorm.GroupBatchNorm: the running averages move towards the mean
         over groups of each statistic (PyTorch's conventions: momentum 0.1, unbiased running
         variance). The whole batch, or evaluation, is `nn.BatchNorm2d` unchanged.
         """
@@ -52,7 +52,7 @@ def _group_batch_norm_class():
         def forward(self, x):
             if not self.training or x.shape[0] == self.group:
                 return super().forward(x)
-            check_bn_batch(self.group, x.shape[0])  # as resnet_flax.batchnorm.GroupBatchNorm
+            check_bn_batch(self.group, x.shape[0])  # as resnet_flax.models.batchnorm.GroupBatchNorm
             # PyTorch's own kernel per group (a vectorised var_mean over a grouped view made
             # the ResNet-20 step 0.49 s instead of 0.34 s). Fresh buffers with momentum 1
             # receive each group's statistics, in PyTorch's conventions.

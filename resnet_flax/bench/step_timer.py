@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from resnet_flax.architecture import ModelSpec
-from resnet_flax.data import DataConfig, Dataset
-from resnet_flax.optim import OptimConfig
-from resnet_flax.train import TrainerConfig, array_eval_batches, prepare
+from resnet_flax.data.memory import DataConfig, Dataset
+from resnet_flax.models.spec import ModelSpec
+from resnet_flax.training.loop import TrainerConfig, array_eval_batches, prepare
+from resnet_flax.training.optim import OptimConfig
 
 PAPER_ITERATIONS = 64_000
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -160,7 +160,7 @@ def input_row(
     batches: int,
 ) -> dict:
     """Images/s the streaming input pipeline delivers on this host (decode + augment)."""
-    from resnet_flax.streaming import measure_input_throughput, open_stream
+    from resnet_flax.data.stream import measure_input_throughput, open_stream
 
     cfg = DataConfig(
         name=dataset, data_dir=data_dir, image_size=image_size, augmentation=augmentation

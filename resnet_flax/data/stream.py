@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_flax.data import STREAMING_DATASETS, DataConfig, DataError, default_data_dir
+from resnet_flax.data.memory import STREAMING_DATASETS, DataConfig, DataError, default_data_dir
 
 __all__ = [
     "AUGMENTATIONS",

@@ -5,7 +5,7 @@ download is replaced by a folder shaped like imagenette2-<size>.tgz (train/<wnid
 val/<wnid>/*.JPEG). The result is what `tfds build imagenette` writes, so tests and the
 input benchmark exercise the real reading, decoding and augmentation path.
 
-    python -m resnet_flax.fake_data --data-dir /tmp/fake_tfds --train-per-class 100
+    python -m resnet_flax.data.generated --data-dir /tmp/fake_tfds --train-per-class 100
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """In-memory datasets as uint8 arrays: TFDS image sets, scikit-learn's digits, a user's npz.
 
 ImageNet-scale sets (imagenet2012, imagenette) do not fit in memory; they are streamed from
-TFDS by resnet_flax.streaming.open_stream, which reads the streaming fields of DataConfig.
+TFDS by resnet_flax.data.stream.open_stream, which reads the streaming fields of DataConfig.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
 LOCAL_DATASETS = ("digits", "npz")
 DATASETS = TFDS_DATASETS + LOCAL_DATASETS
-# Streamed from TFDS by resnet_flax.streaming (never loaded whole into memory).
+# Streamed from TFDS by resnet_flax.data.stream (never loaded whole into memory).
 STREAMING_DATASETS = ("imagenet2012", "imagenette")
 NORMALIZATIONS = ("pixel_mean", "channel_std")
 # The validation split is always drawn with this seed, so every run of a sweep sees the same one.
@@ -39,7 +39,7 @@ class DataConfig:
     crop_padding: int = 4  # 0 disables random crops
     flip: bool = True
     download: bool = False
-    # --- streaming datasets only (resnet_flax.streaming); the in-memory sets ignore these ---
+    # --- streaming datasets only (resnet_flax.data.stream); the in-memory sets ignore these ---
     image_size: int = 224  # side of the square training / evaluation crops
     augmentation: str = "random_resized_crop"  # random_resized_crop | scale (the paper's)
     tfds_config: str | None = None  # builder config, e.g. imagenette's 320px-v2 (the default)
@@ -227,7 +227,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if cfg.name in STREAMING_DATASETS:
         raise DataError(
             f"dataset {cfg.name!r} is streamed, not loaded into memory: "
-            "use resnet_flax.streaming.open_stream"
+            "use resnet_flax.data.stream.open_stream"
         )
     if cfg.name not in DATASETS:
         valid = ", ".join(DATASETS + STREAMING_DATASETS)

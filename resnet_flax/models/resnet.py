@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_flax.architecture import Architecture, ModelSpec, StagePlan, resolve
-from resnet_flax.batchnorm import GroupBatchNorm
-from resnet_flax.conv import select_conv
+from resnet_flax.models.batchnorm import GroupBatchNorm
+from resnet_flax.models.conv import select_conv
+from resnet_flax.models.spec import Architecture, ModelSpec, StagePlan, resolve
 
 # He et al. 2015 initialise with N(0, 2/n), n = k*k*c_in (the fan-in).
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")

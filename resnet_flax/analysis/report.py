@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from resnet_flax.runs import mean_std, select_final
+from resnet_flax.analysis.runs import mean_std, select_final
+from resnet_flax.rundir import RunStatus
 
 # "Clearly higher": a rise of more than 2 percentage points of training error AND more than
 # the seed noise, sqrt(std_shallow^2 + std_deep^2) (the std of a difference of two seed
@@ -16,7 +17,7 @@ from resnet_flax.runs import mean_std, select_final
 # paper) yet far below the effect the paper reports (plain-56 vs plain-20: several pp).
 MARGIN = 0.02
 VALUES = ("final_train_error", "final_test_error")
-STATUSES = ("completed", "running", "incomplete", "diverged", "failed")
+STATUSES = tuple(RunStatus)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Published:
     source: str
 
 
-# The papers' numbers of docs/design.md. Table 2 is ImageNet top-1 10-crop; the others are CIFAR-10 test error.
+# The papers' numbers (docs/design.md). Table 2 is ImageNet top-1 10-crop; the others CIFAR-10.
 PUBLISHED: tuple[Published, ...] = (
     Published("cifar10", "residual", 20, "8.75", "He 2015 Tab. 6"),
     Published("cifar10", "residual", 32, "7.51", "He 2015 Tab. 6"),
@@ -296,7 +297,7 @@ def comparison_markdown(table: pd.DataFrame) -> str:
 
 def excluded_runs_markdown(runs: pd.DataFrame) -> str:
     """Runs that are not completed, with status and message ('' when all completed)."""
-    others = runs[runs["status"] != "completed"]
+    others = runs[runs["status"] != RunStatus.COMPLETED]
     if others.empty:
         return ""
     rows = [

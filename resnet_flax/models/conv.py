@@ -113,7 +113,7 @@ def _fast_conv_bwd(strides, pads, precision, res, dy):
     # dX: XLA's own transpose (a conv with the flipped kernel); the im2col matmul dy @ W^T
     # plus col2im was 4-10x slower. For strided convs, one stride-1 conv per input phase
     # (skipping the zeros of the dilated dy) was faster with XLA's multi-threaded convs but
-    # slower on the single-threaded devices of resnet_flax.cpu_devices (3x3 s2, batch 64:
+    # slower on the single-threaded devices of resnet_flax.training.cpu_devices (3x3 s2, batch 64:
     # 16->32 at 32x32 5.2 vs 4.4 ms, 32->64 at 16x16 2.4 vs 1.4 ms; ResNet-20 step
     # ~0.40 -> ~0.38 s without it), so it was removed.
     (dx,) = jax.linear_transpose(

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resnet_flax import augment as aug
-from resnet_flax.architecture import ModelSpec
-from resnet_flax.checkpoints import Checkpointer, abstract_like
-from resnet_flax.data import DataConfig, load_dataset
-from resnet_flax.models import flatten_responses
-from resnet_flax.optim import OptimConfig, make_optimizer
-from resnet_flax.train import cross_entropy, initial_state
+from resnet_flax.data import augment as aug
+from resnet_flax.data.memory import DataConfig, load_dataset
+from resnet_flax.models.resnet import flatten_responses
+from resnet_flax.models.spec import ModelSpec
+from resnet_flax.training.checkpoints import Checkpointer, abstract_like
+from resnet_flax.training.loop import cross_entropy, initial_state
+from resnet_flax.training.optim import OptimConfig, make_optimizer
 
 
 class AnalysisError(ValueError):

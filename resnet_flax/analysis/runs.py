@@ -14,18 +14,23 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from resnet_flax.rundir import (
+    HYDRA_CONFIG_FILE,
+    METRICS_FILE,
+    SEED_GROUP_MARKER,
+    SUMMARY_FILE,
+    RunStatus,
+)
+
 # Files whose presence marks a directory as a run directory.
-RUN_MARKERS = ("summary.json", "metrics.jsonl", os.path.join(".hydra", "config.yaml"))
-# Written by a job that trains several seeds as one program: the runs are its seed_<s>
-# subdirectories, and the job directory itself is not a run.
-SEED_GROUP_MARKER = "seed_group.json"
+RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, HYDRA_CONFIG_FILE)
 # Directories never searched for runs: outputs of this module's users and bulky run contents.
 SKIP_DIRS = {"figures", "checkpoints", "__pycache__", "tensorboard"}
 # A run without summary.json whose files changed this recently is considered still running.
 RUNNING_WINDOW_S = 15 * 60
 # Statuses whose final values are trustworthy; the others are counted but not averaged.
-FINISHED = "completed"
-PARTIAL_STATUSES = ("running", "incomplete")
+FINISHED = RunStatus.COMPLETED
+PARTIAL_STATUSES = (RunStatus.RUNNING, RunStatus.INCOMPLETE)
 
 IDENTITY_FIELDS = ("experiment", "model", "depth", "shortcut", "family", "dataset", "seed")
 SUMMARY_FIELDS = (
@@ -107,7 +112,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """Return metrics.jsonl of a run as a frame sorted by iteration (empty if absent)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     records = read_jsonl(path) if path.is_file() else []
     frame = pd.DataFrame.from_records(records)
     if frame.empty or "iteration" not in frame:
@@ -228,7 +233,7 @@ def _status_without_summary(run_dir: Path) -> str:
     """'running' if the run's files changed recently, else 'incomplete' (killed or crashed)."""
     mtimes = [(run_dir / m).stat().st_mtime for m in RUN_MARKERS if (run_dir / m).is_file()]
     recent = bool(mtimes) and time.time() - max(mtimes) < RUNNING_WINDOW_S
-    return "running" if recent else "incomplete"
+    return RunStatus.RUNNING if recent else RunStatus.INCOMPLETE
 
 
 def _fill_from_metrics(row: dict[str, Any], metrics: pd.DataFrame) -> None:
@@ -263,7 +268,7 @@ def _fill_from_metrics(row: dict[str, Any], metrics: pd.DataFrame) -> None:
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """Return one row describing a run directory (never raises for broken run contents)."""
     run_dir = Path(run_dir)
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json(run_dir / SUMMARY_FILE)
     row: dict[str, Any] = {"run_dir": str(run_dir)}
     row.update(_identity(run_dir, summary, _read_config(run_dir)))
     row["status"] = summary.get("status") or _status_without_summary(run_dir)

@@ -1,4 +1,4 @@
-"""Run records: metrics.jsonl, TensorBoard events and summary.json (the run-directory contract of docs/design.md)."""
+"""The run-directory contract: its file names, the run statuses, one writer and one reader."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import types
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
 
@@ -18,6 +19,54 @@ sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.
 
 from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: E402
 from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+RUN_CONFIG_FILE = "run_config.json"
+HYDRA_CONFIG_FILE = os.path.join(".hydra", "config.yaml")
+CHECKPOINT_DIR = "checkpoints"
+# Written by a job that trains several seeds as one program: the runs are its seed_<s>
+# subdirectories, and the job directory itself is not a run.
+SEED_GROUP_MARKER = "seed_group.json"
+
+
+class RunStatus(StrEnum):
+    """A run's status in summary.json (INCOMPLETE: no summary and no recent writes)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+    INCOMPLETE = "incomplete"
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json, or {} when it is missing or unreadable."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Atomically replace a JSON file (non-finite floats become null)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: _finite(v) for k, v in content.items()}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def mark_unfinished_failed(run_dir: Path, message: str) -> list[Path]:
+    """Set status failed with `message` in every summary under run_dir still running."""
+    marked = []
+    for path in sorted(Path(run_dir).glob(f"**/{SUMMARY_FILE}")):
+        summary = read_summary(path.parent)
+        if summary.get("status") != RunStatus.RUNNING:
+            continue
+        write_json(path, {**summary, "status": RunStatus.FAILED, "message": message})
+        marked.append(path)
+    return marked
+
 
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -75,7 +124,7 @@ class RunRecorder:
 
     def __init__(self, run_dir: Path, resume_from: int, write: bool = True):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         # Lines past the checkpoint we resume from will be produced again: drop them.
         kept = [m for m in read_metrics(self.metrics_path) if m["iteration"] <= resume_from]
         self.history = kept
@@ -115,9 +164,7 @@ class RunRecorder:
         """Atomically replace summary.json."""
         if not self.write:
             return
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / "summary.json")
+        write_json(self.run_dir / SUMMARY_FILE, summary)
 
     def close(self) -> None:
         """Flush and close the files."""

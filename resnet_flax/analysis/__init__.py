@@ -1,0 +1,1 @@
+"""Analysis of run directories: loading, tables, figures, reports, layer statistics."""

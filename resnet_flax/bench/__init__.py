@@ -1,0 +1,1 @@
+"""Benchmarking: the step timer and the PyTorch baseline."""

@@ -1,0 +1,1 @@
+"""Networks: the spec and its resolution, the ResNet builder, BatchNorm, convolutions, sizes."""

@@ -1,0 +1,1 @@
+"""Training: the compiled steps, the state, the loop, optimiser, checkpoints and the runtime."""
