@@ -14,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from resnet_flax.data.memory import DataConfig
 from resnet_flax.models.spec import ModelSpec, check_bn_batch, resolve
 from resnet_flax.rundir import RunStatus, read_summary
+from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
 from resnet_flax.training.cpu_devices import usable_cores
-from resnet_flax.training.loop import ConfigError, RunInfo, TrainerConfig, seed_run_dirs
 from resnet_flax.training.optim import SCHEDULES, OptimConfig
+from resnet_flax.training.state import seed_run_dirs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Files that only Hydra writes before the job starts; a directory holding nothing else is no run.

@@ -26,6 +26,7 @@ from experiments.config import (
 from resnet_flax.data.memory import DataError
 from resnet_flax.models.spec import SpecError
 from resnet_flax.rundir import RunStatus
+from resnet_flax.training.config import ConfigError, check_trainer
 from resnet_flax.training.cpu_devices import (
     CpuDevicesError,
     cpu_device_count,
@@ -34,14 +35,8 @@ from resnet_flax.training.cpu_devices import (
     use_cpu_devices,
 )
 from resnet_flax.training.guard import JobDied, run_guarded
-from resnet_flax.training.loop import (
-    ConfigError,
-    check_trainer,
-    enable_compilation_cache,
-    maybe_initialize_distributed,
-    open_data,
-    train,
-)
+from resnet_flax.training.loop import open_data, train
+from resnet_flax.training.runtime import enable_compilation_cache, maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
 

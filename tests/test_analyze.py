@@ -7,7 +7,8 @@ import pytest
 from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
 from resnet_flax.data.memory import DataConfig
 from resnet_flax.models.spec import ModelSpec
-from resnet_flax.training.loop import RunInfo, TrainerConfig, train
+from resnet_flax.training.config import RunInfo, TrainerConfig
+from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
 
 

@@ -30,7 +30,7 @@ STRESS = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_num_cpu_devices", 2)
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from resnet_flax.training import loop as train
+    from resnet_flax.training import steps as train
     train.MAX_STEPS_IN_FLIGHT = int(sys.argv[1])
     mesh = Mesh(np.array(jax.devices()), ("data",))
     x = jax.device_put(jnp.ones((64, 64, 64)), NamedSharding(mesh, P("data")))

@@ -14,7 +14,7 @@ from experiments import config as exp_config
 from experiments.config import completed_summary, pin_gpu, remove_if_empty, to_library
 from resnet_flax.data.memory import DataConfig
 from resnet_flax.models.spec import ModelSpec, SpecError, resolve
-from resnet_flax.training.loop import ConfigError, RunInfo, TrainerConfig
+from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
 from resnet_flax.training.optim import OptimConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from resnet_flax.data.prefetch import DevicePrefetcher
-    from resnet_flax.training.loop import make_mesh
+    from resnet_flax.training.runtime import make_mesh
 
     mesh = make_mesh()
     assert mesh.size == 8

@@ -272,7 +272,7 @@ def test_too_few_examples_for_a_batch():
 
 
 def test_load_dataset_points_streamed_sets_to_open_stream():
-    with pytest.raises(DataError, match="streaming.open_stream"):
+    with pytest.raises(DataError, match="data.stream.open_stream"):
         load_dataset(DataConfig(name="imagenet2012"))
     with pytest.raises(DataError, match="svhn_cropped, digits, npz, imagenet2012, imagenette"):
         load_dataset(DataConfig(name="imagenet21k"))

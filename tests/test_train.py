@@ -15,7 +15,8 @@ import pytest
 from resnet_flax.data.memory import DataConfig
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.rundir import read_metrics
-from resnet_flax.training.loop import ConfigError, RunInfo, TrainerConfig, check_trainer, train
+from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig, check_trainer
+from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 def test_non_finite_loss_ends_run_as_diverged(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    from resnet_flax.training import loop as train_module
+    from resnet_flax.training import steps as train_module
 
     real = train_module.cross_entropy
     monkeypatch.setattr(train_module, "cross_entropy", lambda logits, y: real(logits, y) * jnp.nan)
@@ -112,7 +113,8 @@ WORKER = textwrap.dedent(
     from resnet_flax.models.spec import ModelSpec
     from resnet_flax.data.memory import DataConfig
     from resnet_flax.training.optim import OptimConfig
-    from resnet_flax.training.loop import RunInfo, TrainerConfig, train
+    from resnet_flax.training.config import RunInfo, TrainerConfig
+    from resnet_flax.training.loop import train
     run_dir, iterations, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     trainer = TrainerConfig(iterations=iterations, batch_size=batch, log_every=5,
                             eval_every=10, checkpoint_every=10, progress=False)
@@ -303,7 +305,7 @@ def test_residual_20_learns_digits_within_two_minutes(tmp_path):
 def test_array_eval_batches_cover_every_row_once_in_one_shape(monkeypatch):
     import jax
 
-    from resnet_flax.training.loop import array_eval_batches
+    from resnet_flax.training.evaluate import array_eval_batches
 
     x, y = np.arange(10)[:, None] * np.ones((1, 3)), np.arange(10)
     batches = list(array_eval_batches(x, y, 4))
@@ -329,7 +331,8 @@ def test_evaluation_compiles_once_for_every_split_and_matches_a_full_forward():
 
     from resnet_flax.data import augment as aug
     from resnet_flax.data.memory import load_dataset
-    from resnet_flax.training.loop import array_eval_batches, evaluate_batches, prepare
+    from resnet_flax.training.evaluate import array_eval_batches, evaluate_batches
+    from resnet_flax.training.loop import prepare
 
     data = load_dataset(DIGITS)
     prep = prepare(TINY, data, DIGITS, RECIPE, QUICK, seed=0)

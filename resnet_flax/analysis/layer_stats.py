@@ -16,8 +16,9 @@ from resnet_flax.data.memory import DataConfig, load_dataset
 from resnet_flax.models.resnet import flatten_responses
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like
-from resnet_flax.training.loop import cross_entropy, initial_state
 from resnet_flax.training.optim import OptimConfig, make_optimizer
+from resnet_flax.training.state import initial_state
+from resnet_flax.training.steps import cross_entropy
 
 
 class AnalysisError(ValueError):

@@ -14,7 +14,9 @@ import numpy as np
 
 from resnet_flax.data.memory import DataConfig, Dataset
 from resnet_flax.models.spec import ModelSpec
-from resnet_flax.training.loop import TrainerConfig, array_eval_batches, prepare
+from resnet_flax.training.config import TrainerConfig
+from resnet_flax.training.evaluate import array_eval_batches
+from resnet_flax.training.loop import prepare
 from resnet_flax.training.optim import OptimConfig
 
 PAPER_ITERATIONS = 64_000

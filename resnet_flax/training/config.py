@@ -1,0 +1,74 @@
+"""Training settings and their checks: the trainer config, run identity, loop choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How long to train and how often to log, evaluate and checkpoint (all in iterations)."""
+
+    iterations: int = 64_000
+    batch_size: int = 128
+    log_every: int = 100
+    eval_every: int = 2_000
+    checkpoint_every: int = 2_000
+    keep_checkpoints: int = 3
+    eval_batch_size: int = 1_000
+    progress: bool = True
+    # How a chunk of steps runs: one lax.scan ("scan"), or a Python loop over a compiled step
+    # ("python"). "auto" picks python on CPU, where XLA runs convolution gradients inside
+    # while loops 30x slower than unrolled (docs/performance.md), and scan elsewhere.
+    step_loop: str = "auto"
+    # Seeds seed .. seed+vmap_seeds-1 trained as ONE compiled program (vmap over seeds), each
+    # into run_dir/seed_<s>: small models leave a GPU idle, several seeds fill it.
+    vmap_seeds: int = 1
+    # Batches copied to the devices ahead of the running step (streaming datasets).
+    device_prefetch: int = 2
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Identifying fields copied into summary.json so analysis can group runs."""
+
+    experiment: str = "default"
+    seed: int = 0
+
+
+class ConfigError(ValueError):
+    """An impossible training configuration; the message says what is valid."""
+
+
+def check_trainer(cfg: TrainerConfig, num_devices: int) -> None:
+    """Fail before any compile when intervals or batch sizes cannot work."""
+    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.log_every < 1:
+        raise ConfigError("iterations, batch_size and log_every must be positive")
+    if cfg.vmap_seeds < 1 or cfg.device_prefetch < 1:
+        raise ConfigError(
+            f"trainer.vmap_seeds and trainer.device_prefetch must be at least 1; "
+            f"got {cfg.vmap_seeds} and {cfg.device_prefetch}"
+        )
+    for name in ("eval_every", "checkpoint_every"):
+        value = getattr(cfg, name)
+        if value < 1 or value % cfg.log_every:
+            raise ConfigError(
+                f"trainer.{name} must be a positive multiple of trainer.log_every "
+                f"({cfg.log_every}); got {value}"
+            )
+    resolve_loop(cfg.step_loop)
+    if cfg.batch_size % num_devices:
+        raise ConfigError(
+            f"trainer.batch_size {cfg.batch_size} must be divisible by the {num_devices} devices"
+        )
+
+
+def resolve_loop(choice: str) -> str:
+    """'scan' or 'python' for a step_loop / stage loop choice of 'auto', 'scan' or 'python'."""
+    if choice not in ("auto", "scan", "python"):
+        raise ConfigError(f"step_loop must be one of auto, scan, python; got {choice!r}")
+    if choice == "auto":
+        return "python" if jax.default_backend() == "cpu" else "scan"
+    return choice

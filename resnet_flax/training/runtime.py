@@ -1,0 +1,41 @@
+"""Where a run executes: the device mesh, multi-host start-up, the compilation cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# --- host side --------------------------------------------------------------------------------
+
+
+def make_mesh() -> Mesh:
+    """A 1-D data-parallel mesh over every device of every process."""
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Copy a host array to every device (works on one host and on several)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host job (SLURM or explicit coordinator) before touching devices."""
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Persist compiled programs so reruns of the same shapes skip compilation."""
+    if not path:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
