@@ -69,16 +69,6 @@ def test_sgd_updates_lower_the_training_loss(tmp_path):
     assert summary["final_train_error"] < 0.5
 
 
-@pytest.fixture(scope="module")
-def imagenette_dir(tmp_path_factory):
-    """A real TFDS imagenette/320px-v2 built by TFDS's builder from generated JPEGs."""
-    pytest.importorskip("tensorflow_datasets")
-    from resnet_flax.data.generated import build_fake_imagenette
-
-    root = tmp_path_factory.mktemp("imagenette")
-    return build_fake_imagenette(root, 8, 4, size=(36, 40), classes=3)
-
-
 def test_streamed_seed_group_matches_separate_runs_and_resumes(tmp_path, imagenette_dir):
     cfg = DataConfig(
         name="imagenette", data_dir=str(imagenette_dir), image_size=16, shuffle_buffer=64

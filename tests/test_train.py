@@ -240,16 +240,6 @@ def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
     assert iterations == list(range(5, 21, 5))
 
 
-@pytest.fixture(scope="module")
-def imagenette_dir(tmp_path_factory):
-    """A real TFDS imagenette/320px-v2 built by TFDS's builder from generated JPEGs."""
-    pytest.importorskip("tensorflow_datasets")
-    from resnet_flax.data.generated import build_fake_imagenette
-
-    root = tmp_path_factory.mktemp("imagenette")
-    return build_fake_imagenette(root, 8, 4, size=(36, 40), classes=3)
-
-
 def test_streamed_imagenette_trains_records_and_resumes_exactly(tmp_path, imagenette_dir):
     cfg = DataConfig(
         name="imagenette", data_dir=str(imagenette_dir), image_size=16, shuffle_buffer=64

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue #6 in one run, for a session lent a GPU machine (see the
-# device tool's README): ~6-8 minutes on an H100. Test it on CPU first with SMOKE=1 (tiny).
+# Every GPU measurement in one run (benchmarks and the accelerator-path tests): ~6-8 minutes
+# on an H100. Test it on CPU first with SMOKE=1 (tiny).
 #   bash tools/gpu_session.sh            # on the GPU machine, from the repository root
 # Writes results/benchmarks/<gpu name>/gpu_*.{json,md}; every file is rewritten after each
 # measured row, so a run cut short by its time limit keeps what it measured.

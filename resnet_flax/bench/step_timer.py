@@ -147,7 +147,7 @@ def run_case(
         "train_images_per_sec": case.batch_size * seeds / step_s,
         "eval_images_per_sec": len(data.x_test) * seeds / float(np.median(eval_times)),
         "paper_run_estimate_min": PAPER_ITERATIONS * step_s / 60,
-        # One CIFAR-10 epoch per seed (the GPU target: ResNet-56 bf16 <= 0.5 s).
+        # One CIFAR-10 epoch per seed.
         "cifar10_epoch_s": CIFAR10_TRAIN_IMAGES / case.batch_size * step_s,
         **peak_memory_bytes(),
     }
