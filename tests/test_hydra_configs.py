@@ -18,6 +18,7 @@ from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
 from resnet_flax.training.optim import OptimConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+DESIGN = CONF.parent / "docs" / "design.md"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 IMAGENET_PRESETS = ("he2015_fig4", "resnet50_imagenet")
 CIFAR_PRESETS = [
@@ -230,7 +231,7 @@ def test_fig6_validation_split_is_45k_5k():
 
 
 def test_resnet110_commands_use_the_warmup():
-    # The second command documented in he2015_table6 / he2015_fig6.
+    # The second command for he2015_table6 / he2015_fig6 (docs/design.md).
     for preset in ("he2015_table6", "he2015_fig6"):
         cfg = make_cfg(f"experiment={preset}", "depth=110", "optim=sgd_paper_warmup")
         assert_paper_recipe(cfg)
@@ -240,7 +241,7 @@ def test_resnet110_commands_use_the_warmup():
     table6 = make_cfg("experiment=he2015_table6", hydra_cfg=True)
     depths = {job[1] for job in sweep_jobs(table6)}
     assert depths == {f"depth={d}" for d in (20, 32, 44, 56, 1202)}
-    assert "depth=110 seed=0,1,2,3,4" in (CONF / "experiment" / "he2015_table6.yaml").read_text()
+    assert "experiment=he2015_table6 depth=110 seed=0,1,2,3,4" in DESIGN.read_text()
 
 
 def test_preact_identity_is_he2016():
