@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_flax.data.memory import DataConfig
+from resnet_flax.data.config import STREAMED, DataConfig
 from resnet_flax.models.spec import ModelSpec, check_bn_batch, resolve
 from resnet_flax.rundir import RunStatus, read_summary
 from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
@@ -53,19 +53,17 @@ def cpu_sweep_jobs() -> int:
     return 1 if gpu_count() else usable_cores()
 
 
-# Training-set sizes of the streamed datasets, for recipes counted in epochs (the in-memory
-# sets are counted in iterations, as the paper's CIFAR recipe is).
-TRAIN_IMAGES = {"imagenet2012": 1_281_167, "imagenette": 9_469}
-
-
 def epochs_to_iterations(epochs: float, dataset: str, batch_size: int) -> int:
-    """Iterations in `epochs` passes over a streamed dataset's training split."""
-    if dataset not in TRAIN_IMAGES:
+    """Iterations in `epochs` passes over a streamed dataset's training split.
+
+    The in-memory sets are counted in iterations, as the paper's CIFAR recipe is.
+    """
+    if dataset not in STREAMED:
         raise ConfigError(
-            f"epoch-based recipes know the sizes of {', '.join(TRAIN_IMAGES)}; got {dataset!r}: "
+            f"epoch-based recipes know the sizes of {', '.join(STREAMED)}; got {dataset!r}: "
             "set trainer.iterations and optim.linear_warmup_iterations directly"
         )
-    return max(1, round(float(epochs) * TRAIN_IMAGES[dataset] / int(batch_size)))
+    return max(1, round(float(epochs) * STREAMED[dataset].train_images / int(batch_size)))
 
 
 def linear_scaled_lr(base_lr: float, batch_size: int) -> float:
@@ -124,7 +122,7 @@ def to_library(
         bn_batch=cfg.bn_batch,
     )
     resolve(spec)
-    data_cfg = DataConfig(**_container(cfg.dataset))
+    data_cfg = DataConfig.from_dict(_container(cfg.dataset))
     optim_fields = _container(cfg.optim)
     optim_fields["boundaries"] = tuple(int(b) for b in optim_fields.get("boundaries") or ())
     optim = OptimConfig(**optim_fields)

@@ -1,6 +1,7 @@
 """Datasets, validation split, normalisation and on-device augmentation."""
 
 import time
+from dataclasses import asdict
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from resnet_flax.data import augment as aug
+from resnet_flax.data.config import StreamConfig
 from resnet_flax.data.memory import (
     DataConfig,
     DataError,
@@ -112,6 +114,33 @@ def test_npz_roundtrip_accepts_nhw_images(tmp_path):
 def test_malformed_npz_says_what_is_wrong(tmp_path, arrays, message):
     with pytest.raises(DataError, match=message):
         load_npz(_save(tmp_path / "bad.npz", **arrays))
+
+
+def test_data_config_from_dict_round_trips_both_modes():
+    streamed = DataConfig(name="imagenette", stream=StreamConfig(image_size=64, cache=True))
+    for cfg in (DataConfig(name="npz", path="x.npz"), streamed):
+        assert DataConfig.from_dict(asdict(cfg)) == cfg
+    assert DataConfig(name="imagenet2012").stream == StreamConfig()
+    assert DataConfig(name="cifar10").stream is None
+
+
+def test_data_config_from_dict_takes_flat_stream_keys():
+    cfg = DataConfig.from_dict({"name": "imagenet2012", "augmentation": "scale", "stream": {}})
+    assert cfg.stream == StreamConfig(augmentation="scale")
+    assert DataConfig.from_dict({"name": "digits", "image_size": 224}) == DataConfig("digits")
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"name": "cifar10", "crop": 4}, r"unknown dataset key\(s\) crop; valid: .*crop_padding"),
+        ({"name": "imagenette", "stream": {"size": 8}}, r"unknown dataset.stream key\(s\) size"),
+        ({"name": "cifar10", "stream": {}}, "cifar10' is held in memory: remove dataset.stream"),
+    ],
+)
+def test_data_config_from_dict_names_what_is_valid(fields, message):
+    with pytest.raises(DataError, match=message):
+        DataConfig.from_dict(fields)
 
 
 def test_npz_not_a_file_or_pickled(tmp_path):

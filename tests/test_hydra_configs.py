@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from experiments import config as exp_config
 from experiments.config import completed_summary, pin_gpu, remove_if_empty, to_library
-from resnet_flax.data.memory import DataConfig
+from resnet_flax.data.config import DATASETS, STREAMED, DataConfig, StreamConfig
 from resnet_flax.models.spec import ModelSpec, SpecError, resolve
 from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
 from resnet_flax.training.optim import OptimConfig
@@ -154,6 +154,29 @@ def test_dataset_group_maps_onto_data_config(dataset, crop, flip):
     assert data_cfg.normalization == "pixel_mean"
 
 
+def test_each_dataset_file_holds_its_mode_only():
+    files = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+    names = [f for f in files if not f.startswith("base")]
+    assert sorted(names) == sorted(DATASETS + tuple(STREAMED))
+    for name in names:
+        cfg = make_cfg(f"dataset={name}")
+        data_cfg = to_library(cfg)[1]
+        assert data_cfg.name == name
+        if name in STREAMED:
+            assert "crop_padding" not in cfg.dataset and "validation_size" not in cfg.dataset
+            assert data_cfg.stream is not None and data_cfg.normalization == "channel_std"
+        else:
+            assert "stream" not in cfg.dataset and data_cfg.stream is None
+
+
+def test_streamed_datasets_map_their_stream_node():
+    imagenette = to_library(make_cfg("dataset=imagenette", "dataset.stream.image_size=128"))[1]
+    assert imagenette.stream == StreamConfig(
+        image_size=128, tfds_config="320px-v2", shuffle_buffer=10_000, cache=True
+    )
+    assert to_library(make_cfg("dataset=imagenet2012"))[1].stream == StreamConfig()
+
+
 def test_every_group_option_exists():
     assert {p.stem for p in (CONF / "optim").glob("*.yaml")} >= {"sgd_paper", "cosine"}
     assert {p.stem for p in (CONF / "trainer").glob("*.yaml")} >= {"paper"}
@@ -189,7 +212,7 @@ def test_imagenet_presets_follow_their_recipes():
     )
     spec, data_cfg, optim, trainer, _ = to_library(make_cfg("experiment=he2015_fig4"))
     assert (spec.family, spec.shortcut, data_cfg.name) == ("imagenet", "A", "imagenet2012")
-    assert data_cfg.augmentation == "scale" and data_cfg.image_size == 224
+    assert data_cfg.stream == StreamConfig(augmentation="scale")
     assert (trainer.batch_size, trainer.iterations) == (256, 600_000)
     assert (optim.lr, optim.momentum, optim.weight_decay) == (0.1, 0.9, 1e-4)
     assert optim.boundaries == (150_000, 300_000, 450_000)

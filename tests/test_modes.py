@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from resnet_flax.data.config import StreamConfig
 from resnet_flax.data.memory import DataConfig
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.rundir import read_metrics
@@ -70,9 +71,8 @@ def test_sgd_updates_lower_the_training_loss(tmp_path):
 
 
 def test_streamed_seed_group_matches_separate_runs_and_resumes(tmp_path, imagenette_dir):
-    cfg = DataConfig(
-        name="imagenette", data_dir=str(imagenette_dir), image_size=16, shuffle_buffer=64
-    )
+    stream = StreamConfig(image_size=16, shuffle_buffer=64)
+    cfg = DataConfig(name="imagenette", data_dir=str(imagenette_dir), stream=stream)
     tiny = ModelSpec(model="residual", depth=8)
     trainer = TrainerConfig(
         iterations=4,

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from resnet_flax.data.config import StreamConfig
 from resnet_flax.data.memory import DataConfig, DataError, load_dataset
 from resnet_flax.data.stream import (
     AUGMENTATIONS,
@@ -24,7 +25,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 tf = pytest.importorskip("tensorflow")
 
 SIZE = 32
-SMALL = DataConfig(name="imagenet2012", image_size=SIZE, shuffle_buffer=64, prefetch=1)
+SMALL = DataConfig(
+    name="imagenet2012", stream=StreamConfig(image_size=SIZE, shuffle_buffer=64, prefetch=1)
+)
 # Split sizes of the split-aware fake; odd on purpose (uneven host shards, a padded eval batch).
 FAKE_SIZES = {"train": 41, "validation": 23}
 _JPEGS: dict[int, bytes] = {}
@@ -77,6 +80,11 @@ def mock_splits():
     return tfds.testing.mock_data(as_dataset_fn=split_aware_as_dataset)
 
 
+def with_stream(cfg: DataConfig, **changes) -> DataConfig:
+    """cfg with some of its stream settings changed."""
+    return replace(cfg, stream=replace(cfg.stream, **changes))
+
+
 def open_host(cfg: DataConfig, index: int = 0, count: int = 1, seed: int = 0, eval_batch: int = 8):
     """open_stream with a global batch of 8 for simulated host `index` of `count`."""
     return open_stream(cfg, 8, eval_batch, seed, process_index=index, process_count=count)
@@ -108,7 +116,7 @@ def test_mock_data_images_have_sane_shapes(name):
 @pytest.mark.parametrize("augmentation", AUGMENTATIONS)
 @pytest.mark.parametrize("name", STREAMING_DATASETS)
 def test_train_and_eval_batches_on_mock_data(name, augmentation):
-    cfg = replace(SMALL, name=name, augmentation=augmentation)
+    cfg = with_stream(replace(SMALL, name=name), augmentation=augmentation)
     with tfds.testing.mock_data(num_examples=20):
         stream = open_host(cfg, eval_batch=6)
         batches = take(stream.train_batches(0), 3)  # crosses the epoch end (20 // 8 = 2 steps)
@@ -169,7 +177,7 @@ def test_resume_yields_the_tail_of_an_uninterrupted_run():
 
 
 def test_cache_reads_the_source_once_and_changes_nothing_else():
-    cached = replace(SMALL, cache=True)
+    cached = with_stream(SMALL, cache=True)
     with mock_splits():
         stream = open_host(cached, seed=1)
         READS["count"] = 0
@@ -245,25 +253,33 @@ def test_imagenet_download_without_the_manual_files_fails_fast(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("change", "kwargs", "message"),
+    ("data", "stream", "kwargs", "message"),
     [
-        ({"augmentation": "mixup"}, {}, "augmentation must be one of random_resized_crop, scale"),
-        ({"image_size": 4}, {}, "image_size must be at least 8"),
-        ({"shuffle_buffer": 0}, {}, "shuffle_buffer must be at least 1"),
-        ({"num_parallel_calls": 0}, {}, r"num_parallel_calls must be -1 \(tf.data.AUTOTUNE\)"),
-        ({"prefetch": -1}, {}, "prefetch must be >= 0"),
-        ({"validation_size": 100}, {}, "validation_size is not supported"),
-        ({"name": "cifar10"}, {}, "streaming dataset must be one of imagenet2012, imagenette"),
-        ({}, {"global_batch": 9, "process_count": 2}, "multiple of the 2 processes"),
-        ({}, {"eval_batch": 5, "process_count": 2}, "eval batch size must be a positive"),
-        ({}, {"process_index": 2, "process_count": 2}, r"process_index must be in \[0, 2\)"),
-        ({"name": "imagenette", "tfds_config": "999px"}, {}, "Valid tfds_config values"),
+        (
+            {},
+            {"augmentation": "mixup"},
+            {},
+            "augmentation must be one of random_resized_crop, scale",
+        ),
+        ({}, {"image_size": 4}, {}, "image_size must be at least 8"),
+        ({}, {"shuffle_buffer": 0}, {}, "shuffle_buffer must be at least 1"),
+        ({}, {"num_parallel_calls": 0}, {}, r"num_parallel_calls must be -1 \(tf.data.AUTOTUNE\)"),
+        ({}, {"prefetch": -1}, {}, "prefetch must be >= 0"),
+        ({"validation_size": 100}, {}, {}, "validation_size is not supported"),
+        ({"name": "cifar10", "stream": None}, None, {}, "streaming dataset must be one of"),
+        ({}, {}, {"global_batch": 9, "process_count": 2}, "multiple of the 2 processes"),
+        ({}, {}, {"eval_batch": 5, "process_count": 2}, "eval batch size must be a positive"),
+        ({}, {}, {"process_index": 2, "process_count": 2}, r"process_index must be in \[0, 2\)"),
+        ({"name": "imagenette"}, {"tfds_config": "999px"}, {}, "Valid tfds_config values"),
     ],
 )
-def test_bad_configs_are_explained(change, kwargs, message):
+def test_bad_configs_are_explained(data, stream, kwargs, message):
     args = {"global_batch": 8, "eval_batch": 8, "seed": 0, "process_index": 0, "process_count": 1}
+    cfg = replace(SMALL, **data)
+    if stream is not None:
+        cfg = with_stream(cfg, **stream)
     with pytest.raises(DataError, match=message):
-        open_stream(replace(SMALL, **change), **(args | kwargs))
+        open_stream(cfg, **(args | kwargs))
 
 
 def test_too_few_examples_for_a_batch():

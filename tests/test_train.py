@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from resnet_flax.data.config import StreamConfig
 from resnet_flax.data.memory import DataConfig
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.rundir import read_metrics
@@ -241,9 +242,8 @@ def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
 
 
 def test_streamed_imagenette_trains_records_and_resumes_exactly(tmp_path, imagenette_dir):
-    cfg = DataConfig(
-        name="imagenette", data_dir=str(imagenette_dir), image_size=16, shuffle_buffer=64
-    )
+    stream = StreamConfig(image_size=16, shuffle_buffer=64)
+    cfg = DataConfig(name="imagenette", data_dir=str(imagenette_dir), stream=stream)
     trainer = TrainerConfig(
         iterations=6,
         batch_size=8,

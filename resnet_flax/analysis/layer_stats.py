@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from resnet_flax.data import augment as aug
-from resnet_flax.data.memory import DataConfig, load_dataset
+from resnet_flax.data.config import DataConfig
+from resnet_flax.data.memory import load_dataset
 from resnet_flax.models.resnet import flatten_responses
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like
@@ -32,7 +33,7 @@ def load_run_config(run_dir: Path) -> dict:
         raise AnalysisError(f"{run_dir} has no run_config.json: is it a training run directory?")
     cfg = json.loads(path.read_text())
     cfg["model"] = ModelSpec(**cfg["model"])
-    cfg["data"] = DataConfig(**cfg["data"])
+    cfg["data"] = DataConfig.from_dict(cfg["data"])
     cfg["optim"] = OptimConfig(**{**cfg["optim"], "boundaries": tuple(cfg["optim"]["boundaries"])})
     return cfg
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from resnet_flax.analysis.runs import mean_std, select_final
+from resnet_flax.data.config import STREAMED
 from resnet_flax.rundir import RunStatus
 
 # "Clearly higher": a rise of more than 2 percentage points of training error AND more than
@@ -49,11 +50,6 @@ PUBLISHED: tuple[Published, ...] = (
     Published("imagenet2012", "residual", 18, "27.88 (top-1, 10-crop)", "He 2015 Tab. 2"),
     Published("imagenet2012", "residual", 34, "25.03 (top-1, 10-crop)", "He 2015 Tab. 2"),
 )
-
-
-# Streamed datasets: evaluated on their validation split (no test labels), never re-scored
-# on the whole training set.
-VALIDATION_EVALUATED = ("imagenet2012", "imagenette")
 
 
 @dataclass(frozen=True)
@@ -320,7 +316,7 @@ def _dataset_section(runs: pd.DataFrame, dataset: str | None) -> tuple[str, Verd
     table = final_table(runs)
     verdict = degradation_verdict(table)
     parts = [f"## Dataset: {dataset or 'unknown'}", "", final_errors_markdown(table, dataset)]
-    if dataset in VALIDATION_EVALUATED:
+    if dataset in STREAMED:  # evaluated on the validation split, never re-scored on train
         parts += [
             "",
             "Our test error here is the single centre-crop error on the validation split; "

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from resnet_flax.data.memory import DataConfig, Dataset
+from resnet_flax.data.config import DataConfig, StreamConfig
+from resnet_flax.data.memory import Dataset
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.config import TrainerConfig
 from resnet_flax.training.evaluate import array_eval_batches
@@ -164,9 +165,8 @@ def input_row(
     """Images/s the streaming input pipeline delivers on this host (decode + augment)."""
     from resnet_flax.data.stream import measure_input_throughput, open_stream
 
-    cfg = DataConfig(
-        name=dataset, data_dir=data_dir, image_size=image_size, augmentation=augmentation
-    )
+    stream = StreamConfig(image_size=image_size, augmentation=augmentation)
+    cfg = DataConfig(name=dataset, data_dir=data_dir, stream=stream)
     stream = open_stream(cfg, batch_size, batch_size, seed=0)
     return {
         "framework": f"input pipeline ({augmentation})",

@@ -1,1 +1,1 @@
-"""Data sources: in-memory sets, the tf.data stream, augmentation, prefetch, generated files."""
+"""Data: config, in-memory sets, the tf.data stream, augmentation, prefetch, generated files."""

@@ -1,7 +1,7 @@
 """In-memory datasets as uint8 arrays: TFDS image sets, scikit-learn's digits, a user's npz.
 
-ImageNet-scale sets (imagenet2012, imagenette) do not fit in memory; they are streamed from
-TFDS by resnet_flax.data.stream.open_stream, which reads the streaming fields of DataConfig.
+ImageNet-scale sets (resnet_flax.data.config.STREAMED) do not fit in memory; they are streamed
+from TFDS by resnet_flax.data.stream.open_stream.
 """
 
 from __future__ import annotations
@@ -13,40 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
-LOCAL_DATASETS = ("digits", "npz")
-DATASETS = TFDS_DATASETS + LOCAL_DATASETS
-# Streamed from TFDS by resnet_flax.data.stream (never loaded whole into memory).
-STREAMING_DATASETS = ("imagenet2012", "imagenette")
-NORMALIZATIONS = ("pixel_mean", "channel_std")
+from resnet_flax.data.config import (
+    DATASETS,
+    NORMALIZATIONS,
+    STREAMING_DATASETS,
+    DataConfig,
+    DataError,
+)
+
 # The validation split is always drawn with this seed, so every run of a sweep sees the same one.
 VALIDATION_SEED = 12345
-
-
-class DataError(ValueError):
-    """A dataset that cannot be loaded; the message says what is valid and what to do."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which dataset, where it lives, how it is split, normalised and augmented."""
-
-    name: str = "cifar10"
-    data_dir: str | None = None
-    path: str | None = None  # the npz file for name="npz"
-    validation_size: int = 0
-    normalization: str = "pixel_mean"
-    crop_padding: int = 4  # 0 disables random crops
-    flip: bool = True
-    download: bool = False
-    # --- streaming datasets only (resnet_flax.data.stream); the in-memory sets ignore these ---
-    image_size: int = 224  # side of the square training / evaluation crops
-    augmentation: str = "random_resized_crop"  # random_resized_crop | scale (the paper's)
-    tfds_config: str | None = None  # builder config, e.g. imagenette's 320px-v2 (the default)
-    shuffle_buffer: int = 16 * 1024  # examples (still JPEG-encoded) in the shuffle buffer
-    num_parallel_calls: int = -1  # decode+augment threads; -1: tf.data.AUTOTUNE
-    prefetch: int = 2  # batches prepared ahead on the host
-    cache: bool = False  # keep the encoded JPEGs in host RAM after the first pass (small sets)
 
 
 @dataclass

@@ -10,22 +10,32 @@ TensorFlow is imported lazily: importing this module costs nothing and never tou
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from resnet_flax.data.memory import STREAMING_DATASETS, DataConfig, DataError, default_data_dir
+from resnet_flax.data.config import STREAMING_DATASETS, DataConfig, DataError
+from resnet_flax.data.memory import default_data_dir
+from resnet_flax.data.stream_ops import eval_view, train_view
+from resnet_flax.data.stream_source import (
+    EVAL_SPLIT,
+    data_options,
+    host_split,
+    not_prepared_message,
+    open_builder,
+    read_config,
+    split_size,
+    tf_cpu,
+)
 
 __all__ = [
     "AUGMENTATIONS",
-    "DEFAULT_TFDS_CONFIGS",
     "STREAMING_DATASETS",
     "Stream",
     "is_streaming",
@@ -34,35 +44,14 @@ __all__ = [
 ]
 
 AUGMENTATIONS = ("random_resized_crop", "scale")
-# imagenette's 320px variant: shorter side 320, 1/5 the size of full-size, still above 224.
-DEFAULT_TFDS_CONFIGS = {"imagenet2012": None, "imagenette": "320px-v2"}
-EVAL_SPLIT = "validation"
 # ImageNet channel statistics in the uint8 scale (imagenette is drawn from ImageNet).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
-# Inception-style random-resized crop (Szegedy et al. 2015; flax examples/imagenet).
-RRC_AREA = (0.08, 1.0)
-RRC_RATIO = (3 / 4, 4 / 3)
-RRC_ATTEMPTS = 10
-# He et al. 2015 sec. 3.4: shorter side resized to a random size in [256, 480] for 224 crops.
-SCALE_RANGE = (256, 480)
-# Evaluation: shorter side resized to image_size / 0.875 (256 for 224), centre crop.
-EVAL_CROP_FRACTION = 0.875
 
 
 def is_streaming(name: str) -> bool:
     """Whether the dataset is streamed from TFDS (rather than loaded into memory)."""
     return name in STREAMING_DATASETS
-
-
-def _tf():
-    """Import TensorFlow for tf.data only, hiding any GPU from it (JAX owns the accelerators)."""
-    import tensorflow as tf
-
-    # RuntimeError: TF already initialised its devices (an earlier call did this): fine.
-    with contextlib.suppress(RuntimeError):
-        tf.config.set_visible_devices([], "GPU")
-    return tf
 
 
 def validate_stream_config(cfg: DataConfig) -> None:
@@ -71,21 +60,22 @@ def validate_stream_config(cfg: DataConfig) -> None:
         raise DataError(
             f"streaming dataset must be one of {', '.join(STREAMING_DATASETS)}; got {cfg.name!r}"
         )
-    if cfg.augmentation not in AUGMENTATIONS:
+    stream = cfg.stream
+    if stream.augmentation not in AUGMENTATIONS:
         raise DataError(
-            f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {cfg.augmentation!r}"
+            f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {stream.augmentation!r}"
         )
-    if cfg.image_size < 8:
-        raise DataError(f"image_size must be at least 8; got {cfg.image_size}")
-    if cfg.shuffle_buffer < 1:
-        raise DataError(f"shuffle_buffer must be at least 1; got {cfg.shuffle_buffer}")
-    if cfg.num_parallel_calls != -1 and cfg.num_parallel_calls < 1:
+    if stream.image_size < 8:
+        raise DataError(f"image_size must be at least 8; got {stream.image_size}")
+    if stream.shuffle_buffer < 1:
+        raise DataError(f"shuffle_buffer must be at least 1; got {stream.shuffle_buffer}")
+    if stream.num_parallel_calls != -1 and stream.num_parallel_calls < 1:
         raise DataError(
             "num_parallel_calls must be -1 (tf.data.AUTOTUNE) or >= 1; "
-            f"got {cfg.num_parallel_calls}"
+            f"got {stream.num_parallel_calls}"
         )
-    if cfg.prefetch < 0:
-        raise DataError(f"prefetch must be >= 0 batches; got {cfg.prefetch}")
+    if stream.prefetch < 0:
+        raise DataError(f"prefetch must be >= 0 batches; got {stream.prefetch}")
     if cfg.validation_size:
         raise DataError(
             f"validation_size is not supported for streamed {cfg.name}: it is evaluated on its "
@@ -93,151 +83,10 @@ def validate_stream_config(cfg: DataConfig) -> None:
         )
 
 
-def _not_prepared_message(name: str, tfds_name: str, data_dir: str) -> str:
-    """What to do when the dataset is not in data_dir: one message, with the commands."""
-    if name == "imagenet2012":
-        return (
-            f"imagenet2012 is not prepared in data_dir {data_dir!r}. TFDS cannot download "
-            "ImageNet (it needs a registration at https://image-net.org): put "
-            "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into "
-            f"{data_dir}/downloads/manual, "
-            f"then run `tfds build imagenet2012 --data_dir {data_dir}` (or rerun with "
-            "dataset.download=true to build it from those files), or point dataset.data_dir / "
-            "$TFDS_DATA_DIR at a prepared copy."
-        )
-    return (
-        f"{tfds_name} is not prepared in data_dir {data_dir!r} and downloads are off. On a "
-        f"machine with internet run `tfds build {tfds_name} --data_dir {data_dir}` (or rerun with "
-        "dataset.download=true), or point dataset.data_dir / $TFDS_DATA_DIR at a prepared copy."
-    )
-
-
-def _builder(cfg: DataConfig, data_dir: str):
-    """The TFDS builder for the configured dataset, prepared first when downloads are on."""
-    import tensorflow_datasets as tfds
-
-    config = cfg.tfds_config or DEFAULT_TFDS_CONFIGS[cfg.name]
-    tfds_name = f"{cfg.name}/{config}" if config else cfg.name
-    try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir)
-    except Exception as err:  # an unknown builder config: list the valid ones
-        configs = [c.name for c in getattr(tfds.builder_cls(cfg.name), "BUILDER_CONFIGS", [])]
-        raise DataError(
-            f"cannot open {tfds_name!r}: {err}. Valid tfds_config values for {cfg.name}: "
-            f"{', '.join(configs) or 'none (leave it null)'}"
-        ) from err
-    if cfg.download and not builder.is_prepared():
-        if cfg.name == "imagenet2012":
-            manual = os.path.join(data_dir, "downloads", "manual")
-            tars = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-            if not all(os.path.isfile(os.path.join(manual, t)) for t in tars):
-                raise DataError(_not_prepared_message(cfg.name, tfds_name, data_dir))
-        builder.download_and_prepare()
-    return builder, tfds_name
-
-
-def _split_size(builder, split: Any) -> int:
-    """Examples in a (sub)split: the dataset's cardinality, else the prepared split info."""
-    import tensorflow_datasets as tfds
-
-    skip = {"image": tfds.decode.SkipDecoding()}
-    ds = builder.as_dataset(split=split, decoders=skip, read_config=_read_config(None))
-    n = int(ds.cardinality())
-    if n < 0:  # unknown cardinality; the prepared dataset's info knows the sizes
-        n = builder.info.splits[split].num_examples
-    return n
-
-
-def _options():
-    """tf.data options: a deterministic order (needed for exact resume), TF off the GPU."""
-    tf = _tf()
-    options = tf.data.Options()
-    options.deterministic = True
-    return options
-
-
-def _read_config(shuffle_seed: int | None):
-    """TFDS read settings: our own caching and prefetch, file order seeded per epoch."""
-    import tensorflow_datasets as tfds
-
-    return tfds.ReadConfig(
-        shuffle_seed=shuffle_seed,
-        options=_options(),
-        try_autocache=False,  # caching is DataConfig.cache's decision
-        skip_prefetch=True,  # the pipeline prefetches whole batches at its end
-    )
-
-
 def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
     """Two independent seeds (file order, example order) for one epoch of one run."""
     state = np.random.SeedSequence([seed, epoch]).generate_state(2)
     return int(state[0]), int(state[1])
-
-
-def _resize(tf, image, size: int):
-    """Resize to size x size (bilinear) and round back to uint8.
-
-    No antialiasing, as in big_vision and TF's official ResNet: it would triple the per-image
-    cost (about 4.5 ms against 1.7 ms for a 500x375 JPEG on one core here), and crops shrink by
-    under 2x on ImageNet, where bilinear aliasing is mild.
-    """
-    image = tf.image.resize(image, [size, size], method="bilinear")
-    return tf.saturate_cast(tf.round(image), tf.uint8)
-
-
-def _random_resized_crop(tf, jpeg, seed, size: int):
-    """Inception crop: area 8-100%, aspect 3/4-4/3, decoding only the crop window."""
-    shape = tf.image.extract_jpeg_shape(jpeg)
-    whole = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape,
-        bounding_boxes=whole,
-        seed=seed,
-        min_object_covered=0.1,
-        aspect_ratio_range=RRC_RATIO,
-        area_range=RRC_AREA,
-        max_attempts=RRC_ATTEMPTS,
-        use_image_if_no_bounding_boxes=True,
-    )
-    offset_y, offset_x, _ = tf.unstack(begin)
-    height, width, _ = tf.unstack(crop_size)
-    window = tf.stack([offset_y, offset_x, height, width])
-    image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    return _resize(tf, image, size)
-
-
-def _scale_crop(tf, jpeg, seed, size: int):
-    """He et al. sec. 3.4: shorter side to a random s in [256, 480] (x size/224), random crop.
-
-    Cropping the source window that maps onto the crop and then resizing it is the same
-    image as resizing the whole picture and cropping, at a fraction of the cost.
-    """
-    shape = tf.image.extract_jpeg_shape(jpeg)
-    height, width = shape[0], shape[1]
-    lo, hi = (round(s * size / 224) for s in SCALE_RANGE)
-    scale_seed, y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    shorter = tf.random.stateless_uniform([], scale_seed, lo, hi + 1, dtype=tf.int32)
-    factor = tf.cast(tf.minimum(height, width), tf.float32) / tf.cast(shorter, tf.float32)
-    crop = tf.cast(tf.round(size * factor), tf.int32)
-    crop = tf.clip_by_value(crop, 1, tf.minimum(height, width))
-    offset_y = tf.random.stateless_uniform([], y_seed, 0, height - crop + 1, dtype=tf.int32)
-    offset_x = tf.random.stateless_uniform([], x_seed, 0, width - crop + 1, dtype=tf.int32)
-    window = tf.stack([offset_y, offset_x, crop, crop])
-    image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    return _resize(tf, image, size)
-
-
-def _centre_crop(tf, jpeg, size: int):
-    """Evaluation view: the central 87.5% square (shorter side -> size/0.875, centre crop)."""
-    shape = tf.image.extract_jpeg_shape(jpeg)
-    height, width = shape[0], shape[1]
-    crop = tf.cast(
-        tf.round(EVAL_CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32)), tf.int32
-    )
-    crop = tf.maximum(crop, 1)
-    window = tf.stack([(height - crop) // 2, (width - crop) // 2, crop, crop])
-    image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    return _resize(tf, image, size)
 
 
 @dataclass
@@ -265,7 +114,9 @@ class Stream:
     process_count: int = 1
     n_train_local: int = 0
     n_eval_local: int = 0
-    cfg: DataConfig = field(default_factory=DataConfig, repr=False)
+    cfg: DataConfig = field(
+        default_factory=partial(DataConfig, name=STREAMING_DATASETS[0]), repr=False
+    )
     _builder: Any = field(default=None, repr=False)
     _train_split: Any = field(default=None, repr=False)
     _eval_split: Any = field(default=None, repr=False)
@@ -273,20 +124,21 @@ class Stream:
 
     # --- sources: encoded (jpeg bytes, label) records of this host's shard -------------------
     def _source(self, split: Any, shuffle_seed: int | None):
-        """(jpeg, label) records; with cfg.cache the first pass is kept in RAM for later ones."""
+        """(jpeg, label) records; with stream.cache the first pass is kept in RAM for later ones."""
         import tensorflow_datasets as tfds
 
-        if self.cfg.cache and split in self._cached:
+        cache = self.cfg.stream.cache
+        if cache and split in self._cached:
             return self._cached[split]
-        shuffle_files = shuffle_seed is not None and not self.cfg.cache
+        shuffle_files = shuffle_seed is not None and not cache
         ds = self._builder.as_dataset(
             split=split,
             shuffle_files=shuffle_files,
             decoders={"image": tfds.decode.SkipDecoding()},  # decode in our map, after skips
-            read_config=_read_config(shuffle_seed if shuffle_files else None),
+            read_config=read_config(shuffle_seed if shuffle_files else None),
         )
         ds = ds.map(lambda ex: (ex["image"], ex["label"]))
-        if self.cfg.cache:
+        if cache:
             # The cache belongs to this dataset object, so every epoch built on it shares it.
             ds = ds.cache()
             self._cached[split] = ds
@@ -294,24 +146,23 @@ class Stream:
 
     def _parallel(self) -> int:
         """num_parallel_calls for tf.data (AUTOTUNE for -1)."""
-        tf = _tf()
-        return (
-            tf.data.AUTOTUNE if self.cfg.num_parallel_calls == -1 else self.cfg.num_parallel_calls
-        )
+        calls = self.cfg.stream.num_parallel_calls
+        return tf_cpu().data.AUTOTUNE if calls == -1 else calls
 
     def _train_epoch(self, epoch: int, skip_steps: int):
         """tf.data pipeline for one epoch of this host, starting after skip_steps batches."""
-        tf = _tf()
+        tf = tf_cpu()
         file_seed, order_seed = _epoch_seeds(self.seed, epoch)
         per_epoch = self.steps_per_epoch * self.local_batch
         ds = self._source(self._train_split, file_seed)
-        ds = ds.shuffle(self.cfg.shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
+        settings = self.cfg.stream
+        ds = ds.shuffle(settings.shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
         # Every host takes the same number of examples (shards may differ by one), and the
         # already-consumed ones are skipped before any JPEG is decoded.
         ds = ds.take(per_epoch).skip(skip_steps * self.local_batch)
         ds = ds.enumerate(start=skip_steps * self.local_batch)
         first_step = epoch * self.steps_per_epoch
-        size, augmentation, flip = self.cfg.image_size, self.cfg.augmentation, self.cfg.flip
+        size, augmentation, flip = settings.image_size, settings.augmentation, self.cfg.flip
         local_batch, global_batch = self.local_batch, self.global_batch
         host_offset, run_seed = self.process_index * local_batch, self.seed
 
@@ -321,18 +172,12 @@ class Stream:
             step = first_step + index // local_batch
             example = step * global_batch + host_offset + index % local_batch
             seed = tf.stack([tf.constant(run_seed, tf.int64), example])
-            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            if augmentation == "scale":
-                image = _scale_crop(tf, jpeg, crop_seed, size)
-            else:
-                image = _random_resized_crop(tf, jpeg, crop_seed, size)
-            if flip:
-                image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-            return tf.ensure_shape(image, (size, size, 3)), tf.cast(label, tf.int32)
+            image = train_view(tf, jpeg, seed, size, augmentation, flip)
+            return image, tf.cast(label, tf.int32)
 
         ds = ds.map(augment, num_parallel_calls=self._parallel(), deterministic=True)
         ds = ds.batch(self.local_batch, drop_remainder=True)
-        return ds.prefetch(self.cfg.prefetch).with_options(_options())
+        return ds.prefetch(settings.prefetch).with_options(data_options())
 
     def _start_epoch(self, epoch: int, skip_steps: int) -> _Ahead:
         """Build an epoch's pipeline here and fetch its first batch on a background thread."""
@@ -371,12 +216,11 @@ class Stream:
         """One pass over this host's eval shard: (x uint8 centre crops, y int32, mask bool)."""
         import tensorflow_datasets as tfds
 
-        tf = _tf()
-        size = self.cfg.image_size
+        tf = tf_cpu()
+        size = self.cfg.stream.image_size
 
         def view(jpeg, label):
-            image = tf.ensure_shape(_centre_crop(tf, jpeg, size), (size, size, 3))
-            return image, tf.cast(label, tf.int32), tf.constant(True)
+            return eval_view(tf, jpeg, size), tf.cast(label, tf.int32), tf.constant(True)
 
         ds = self._source(self._eval_split, None)
         ds = ds.map(view, num_parallel_calls=self._parallel(), deterministic=True)
@@ -385,7 +229,7 @@ class Stream:
         blank = (tf.zeros((size, size, 3), tf.uint8), tf.constant(0, tf.int32), tf.constant(False))
         ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
         ds = ds.batch(self.local_eval_batch, drop_remainder=True)
-        ds = ds.prefetch(self.cfg.prefetch).with_options(_options())
+        ds = ds.prefetch(self.cfg.stream.prefetch).with_options(data_options())
         yield from tfds.as_numpy(ds)
 
 
@@ -412,15 +256,6 @@ class _Ahead:
         return self._value
 
 
-def _host_split(split: str, process_index: int, process_count: int, drop_remainder: bool):
-    """This host's even share of a split (the whole split for one host)."""
-    import tensorflow_datasets as tfds
-
-    if process_count == 1:
-        return split
-    return tfds.even_splits(split, process_count, drop_remainder=drop_remainder)[process_index]
-
-
 def open_stream(
     cfg: DataConfig,
     global_batch: int,
@@ -444,18 +279,18 @@ def open_stream(
                 f"the global {what} must be a positive multiple of the {process_count} "
                 f"processes (hosts); got {batch}"
             )
-    _tf()  # hide the GPU from TF before tfds touches it
+    tf_cpu()  # hide the GPU from TF before tfds touches it
     data_dir = default_data_dir(cfg.data_dir)
-    builder, tfds_name = _builder(cfg, data_dir)
-    train_split = _host_split("train", process_index, process_count, drop_remainder=True)
-    eval_split = _host_split(EVAL_SPLIT, process_index, process_count, drop_remainder=False)
+    builder, tfds_name = open_builder(cfg, data_dir)
+    train_split = host_split("train", process_index, process_count, drop_remainder=True)
+    eval_split = host_split(EVAL_SPLIT, process_index, process_count, drop_remainder=False)
     try:
-        n_train = _split_size(builder, "train")
-        n_eval = _split_size(builder, EVAL_SPLIT)
-        n_train_local = _split_size(builder, train_split)
-        n_eval_local = _split_size(builder, eval_split)
+        n_train = split_size(builder, "train")
+        n_eval = split_size(builder, EVAL_SPLIT)
+        n_train_local = split_size(builder, train_split)
+        n_eval_local = split_size(builder, eval_split)
     except AssertionError as err:  # TFDS's "could not find data in <data_dir>"
-        raise DataError(_not_prepared_message(cfg.name, tfds_name, data_dir)) from err
+        raise DataError(not_prepared_message(cfg.name, tfds_name, data_dir)) from err
     except (KeyError, ValueError) as err:  # prepared, but without the split
         raise DataError(
             f"{tfds_name} in {data_dir!r} lacks the train or {EVAL_SPLIT} split ({err}); "
@@ -469,7 +304,7 @@ def open_stream(
             f"{global_batch}"
         )
     local_eval_batch = eval_batch // process_count
-    size = cfg.image_size
+    size = cfg.stream.image_size
     return Stream(
         name=cfg.name,
         num_classes=builder.info.features["label"].num_classes,

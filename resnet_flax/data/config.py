@@ -1,0 +1,108 @@
+"""The data configuration: DataConfig, its StreamConfig, and the names of the datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
+LOCAL_DATASETS = ("digits", "npz")
+DATASETS = TFDS_DATASETS + LOCAL_DATASETS
+NORMALIZATIONS = ("pixel_mean", "channel_std")
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What the code knows of a streamed TFDS dataset before opening it."""
+
+    tfds_config: str | None  # the builder config used when StreamConfig.tfds_config is None
+    train_images: int  # training-split size, for recipes counted in epochs
+
+
+# The datasets streamed from TFDS by resnet_flax.data.stream (never loaded whole into memory).
+# imagenette's 320px variant: shorter side 320, 1/5 the size of full-size, still above 224.
+STREAMED = {
+    "imagenet2012": Streamed(tfds_config=None, train_images=1_281_167),
+    "imagenette": Streamed(tfds_config="320px-v2", train_images=9_469),
+}
+STREAMING_DATASETS = tuple(STREAMED)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded; the message says what is valid and what to do."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a streamed dataset is read, decoded, augmented and batched on the host."""
+
+    image_size: int = 224  # side of the square training / evaluation crops
+    augmentation: str = "random_resized_crop"  # random_resized_crop | scale (the paper's)
+    tfds_config: str | None = None  # builder config; None: the dataset's (STREAMED)
+    shuffle_buffer: int = 16 * 1024  # examples (still JPEG-encoded) in the shuffle buffer
+    num_parallel_calls: int = -1  # decode+augment threads; -1: tf.data.AUTOTUNE
+    prefetch: int = 2  # batches prepared ahead on the host
+    cache: bool = False  # keep the encoded JPEGs in host RAM after the first pass (small sets)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, how it is split, normalised and augmented.
+
+    Streamed datasets (STREAMED) always carry a StreamConfig (the default one when none is
+    given); in-memory datasets carry none.
+    """
+
+    name: str = "cifar10"
+    data_dir: str | None = None
+    path: str | None = None  # the npz file for name="npz"
+    validation_size: int = 0  # in memory only: training examples held out for validation
+    normalization: str = "pixel_mean"  # in memory only: streams use ImageNet's channel stats
+    crop_padding: int = 4  # in memory only: 0 disables the pad-and-crop augmentation
+    flip: bool = True
+    download: bool = False
+    stream: StreamConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.name in STREAMED and self.stream is None:
+            object.__setattr__(self, "stream", StreamConfig())
+        if self.name not in STREAMED and self.stream is not None:
+            raise DataError(
+                f"stream settings apply to the streamed datasets {', '.join(STREAMED)} only; "
+                f"{self.name!r} is held in memory: remove dataset.stream"
+            )
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> DataConfig:
+        """A DataConfig from a plain dict: Hydra's dataset node or run_config.json's "data".
+
+        Stream settings may also be given flat (dataset.augmentation); they go into the stream
+        node, overriding it, for a streamed dataset and are ignored for an in-memory one.
+        """
+        fields = dict(fields)
+        stream_keys = _field_names(StreamConfig)
+        flat = {key: fields.pop(key) for key in stream_keys & fields.keys()}
+        _check_keys("dataset", fields, _field_names(cls))
+        stream = fields.pop("stream", None)
+        if stream is not None:
+            _check_keys("dataset.stream", stream, stream_keys)
+        if fields.get("name", cls.name) in STREAMED:
+            stream = {**(stream or {}), **flat}
+        fields["stream"] = None if stream is None else StreamConfig(**stream)
+        return cls(**fields)
+
+
+def _field_names(cls: type) -> set[str]:
+    """The field names of a dataclass."""
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_keys(node: str, fields: Mapping[str, Any], valid: set[str]) -> None:
+    """Raise a DataError naming the valid keys when `fields` holds others."""
+    unknown = sorted(set(fields) - valid)
+    if unknown:
+        raise DataError(
+            f"unknown {node} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+        )
