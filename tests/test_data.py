@@ -116,9 +116,47 @@ def test_malformed_npz_says_what_is_wrong(tmp_path, arrays, message):
         load_npz(_save(tmp_path / "bad.npz", **arrays))
 
 
+def _npz(tmp_path, x_train=None, y_train=(0, 1, 2, 0), y_test=(1, 2)) -> str:
+    """A small npz of 6x6 images with the given labels (uint8 images unless x_train is given)."""
+    if x_train is None:
+        x_train = np.zeros((len(y_train), 6, 6), np.uint8)
+    return _save(
+        tmp_path / "set.npz",
+        x_train=x_train,
+        y_train=np.asarray(y_train),
+        x_test=np.zeros((len(y_test), 6, 6), x_train.dtype),
+        y_test=np.asarray(y_test),
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_npz_float_images_must_be_finite(tmp_path, bad):
+    x = np.full((4, 6, 6), 0.5)
+    x[1, 2, 3] = bad
+    with pytest.raises(DataError, match=r"'x_train' must hold finite values .*1 are NaN or inf"):
+        load_npz(_npz(tmp_path, x_train=x))
+
+
+def test_npz_labels_with_gaps_need_num_classes(tmp_path):
+    path = _npz(tmp_path, y_train=(0, 1, 2, 99), y_test=(1, 3))
+    with pytest.raises(DataError, match=r"found 0-3, 99: .* set dataset.num_classes=100"):
+        load_npz(path)
+    data = load_dataset(DataConfig(name="npz", path=path, num_classes=100))
+    assert data.num_classes == 100 and data.y_train.max() == 99
+
+
+def test_npz_labels_must_be_below_num_classes(tmp_path):
+    path = _npz(tmp_path, y_train=(0, 1, 2, 10), y_test=(1, 2))
+    with pytest.raises(DataError, match=r"y_train labels must be below dataset.num_classes=10"):
+        load_npz(path, num_classes=10)
+    with pytest.raises(DataError, match="num_classes must be at least 2"):
+        load_npz(_npz(tmp_path, y_train=(0, 0), y_test=(0,)), num_classes=1)
+    assert load_npz(path, num_classes=12).num_classes == 12
+
+
 def test_data_config_from_dict_round_trips_both_modes():
     streamed = DataConfig(name="imagenette", stream=StreamConfig(image_size=64, cache=True))
-    for cfg in (DataConfig(name="npz", path="x.npz"), streamed):
+    for cfg in (DataConfig(name="npz", path="x.npz", num_classes=5), streamed):
         assert DataConfig.from_dict(asdict(cfg)) == cfg
     assert DataConfig(name="imagenet2012").stream == StreamConfig()
     assert DataConfig(name="cifar10").stream is None
@@ -136,6 +174,7 @@ def test_data_config_from_dict_takes_flat_stream_keys():
         ({"name": "cifar10", "crop": 4}, r"unknown dataset key\(s\) crop; valid: .*crop_padding"),
         ({"name": "imagenette", "stream": {"size": 8}}, r"unknown dataset.stream key\(s\) size"),
         ({"name": "cifar10", "stream": {}}, "cifar10' is held in memory: remove dataset.stream"),
+        ({"name": "digits", "num_classes": 10}, "num_classes applies to dataset=npz only"),
     ],
 )
 def test_data_config_from_dict_names_what_is_valid(fields, message):

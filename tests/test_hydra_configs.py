@@ -175,6 +175,8 @@ def test_streamed_datasets_map_their_stream_node():
         image_size=128, tfds_config="320px-v2", shuffle_buffer=10_000, cache=True
     )
     assert to_library(make_cfg("dataset=imagenet2012"))[1].stream == StreamConfig()
+    npz = to_library(make_cfg("dataset=npz", "dataset.path=x.npz", "dataset.num_classes=7"))[1]
+    assert (npz.path, npz.num_classes) == ("x.npz", 7)
 
 
 def test_every_group_option_exists():

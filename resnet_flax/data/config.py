@@ -63,6 +63,7 @@ class DataConfig:
     crop_padding: int = 4  # in memory only: 0 disables the pad-and-crop augmentation
     flip: bool = True
     download: bool = False
+    num_classes: int | None = None  # npz only: classifier width; None: the largest label + 1
     stream: StreamConfig | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +73,11 @@ class DataConfig:
             raise DataError(
                 f"stream settings apply to the streamed datasets {', '.join(STREAMED)} only; "
                 f"{self.name!r} is held in memory: remove dataset.stream"
+            )
+        if self.num_classes is not None and self.name != "npz":
+            raise DataError(
+                f"num_classes applies to dataset=npz only; {self.name!r} knows its classes: "
+                "remove dataset.num_classes"
             )
 
     @classmethod

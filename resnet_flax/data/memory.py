@@ -110,6 +110,12 @@ def _as_images(name: str, array: np.ndarray) -> np.ndarray:
             f"npz array {name!r} must have shape (N, H, W) or (N, H, W, C); got {array.shape}"
         )
     if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DataError(
+                f"npz float array {name!r} must hold finite values in [0, 1]; {bad} are NaN or "
+                "inf (replace them, or store uint8 0..255 instead)"
+            )
         lo, hi = float(array.min(initial=0)), float(array.max(initial=0))
         if lo < 0 or hi > 1:
             raise DataError(
@@ -124,8 +130,60 @@ def _as_images(name: str, array: np.ndarray) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def load_npz(path: str | None) -> Dataset:
-    """A user's arrays x_train, y_train, x_test, y_test from one .npz file (no pickle)."""
+def _format_labels(labels: np.ndarray) -> str:
+    """Sorted distinct labels as compact ranges: 0-7, 9, 99."""
+    parts, values = [], np.unique(labels).tolist()
+    while values:
+        run = 1
+        while run < len(values) and values[run] == values[0] + run:
+            run += 1
+        parts.append(str(values[0]) if run == 1 else f"{values[0]}-{values[run - 1]}")
+        values = values[run:]
+    return ", ".join(parts)
+
+
+def _npz_labels(arrays: dict, sizes: dict[str, int], num_classes: int | None) -> dict:
+    """Check y_train / y_test against their images and the classes; return them as int32."""
+    labels = {}
+    for split, n in sizes.items():
+        y = arrays[f"y_{split}"]
+        if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(
+                f"y_{split} must be 1-D integer labels, one per image ({n}); "
+                f"got shape {y.shape}, dtype {y.dtype}"
+            )
+        if y.size and y.min() < 0:
+            raise DataError(f"y_{split} labels must be >= 0; got {y.min()}")
+        if num_classes is not None and y.size and y.max() >= num_classes:
+            raise DataError(
+                f"y_{split} labels must be below dataset.num_classes={num_classes}; got "
+                f"{y.max()}: fix the labels or raise dataset.num_classes"
+            )
+        labels[split] = y.astype(np.int32)
+    return labels
+
+
+def _class_count(labels: dict, num_classes: int | None) -> int:
+    """dataset.num_classes, else the largest label + 1 when every class below it occurs."""
+    if num_classes is not None:
+        if num_classes < 2:
+            raise DataError(f"dataset.num_classes must be at least 2 (or null); got {num_classes}")
+        return num_classes
+    found = np.unique(np.concatenate(list(labels.values())))
+    count = int(found[-1]) + 1
+    if count < 2:
+        raise DataError("the labels must name at least 2 classes")
+    if len(found) < count:
+        raise DataError(
+            f"npz labels must be 0..{count - 1} with every class present; found "
+            f"{_format_labels(found)}: fix the labels, or set dataset.num_classes={count} if "
+            "the empty classes are intended"
+        )
+    return count
+
+
+def _read_npz(path: str | None) -> dict[str, np.ndarray]:
+    """The arrays x_train, y_train, x_test, y_test of one .npz file (no pickle)."""
     if not path:
         raise DataError("dataset=npz needs dataset.path=/path/to/file.npz")
     if not Path(path).is_file():
@@ -141,13 +199,18 @@ def load_npz(path: str | None) -> Dataset:
                     f"npz file {path} lacks {', '.join(missing)}; it must hold {', '.join(keys)} "
                     f"(found: {', '.join(f.files) or 'nothing'})"
                 )
-            arrays = {k: f[k] for k in keys}
+            return {k: f[k] for k in keys}
     except DataError:
         raise
     except ValueError as err:  # object arrays would need pickle
         raise DataError(f"npz file {path} cannot be read without pickle: {err}") from err
     except Exception as err:
         raise DataError(f"{path} is not a readable .npz file: {err}") from err
+
+
+def load_npz(path: str | None, num_classes: int | None = None) -> Dataset:
+    """A user's arrays x_train, y_train, x_test, y_test from one .npz file (no pickle)."""
+    arrays = _read_npz(path)
     x_train, x_test = (
         _as_images("x_train", arrays["x_train"]),
         _as_images("x_test", arrays["x_test"]),
@@ -156,29 +219,16 @@ def load_npz(path: str | None) -> Dataset:
         raise DataError(
             f"x_train images {x_train.shape[1:]} and x_test images {x_test.shape[1:]} differ"
         )
-    labels = {}
-    for split, x in (("train", x_train), ("test", x_test)):
-        y = arrays[f"y_{split}"]
-        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(
-                f"y_{split} must be 1-D integer labels, one per image ({len(x)}); "
-                f"got shape {y.shape}, dtype {y.dtype}"
-            )
-        if y.size and y.min() < 0:
-            raise DataError(f"y_{split} labels must be >= 0; got {y.min()}")
-        labels[split] = y.astype(np.int32)
+    labels = _npz_labels(arrays, {"train": len(x_train), "test": len(x_test)}, num_classes)
     if len(x_train) == 0 or len(x_test) == 0:
         raise DataError("x_train and x_test must each hold at least one image")
-    num_classes = int(max(labels["train"].max(), labels["test"].max())) + 1
-    if num_classes < 2:
-        raise DataError("the labels must name at least 2 classes")
     return Dataset(
         Path(path).stem,
         x_train,
         labels["train"],
         x_test,
         labels["test"],
-        num_classes,
+        _class_count(labels, num_classes),
         info={"source": "npz", "path": str(path)},
     )
 
@@ -215,7 +265,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if cfg.name == "digits":
         data = load_digits()
     elif cfg.name == "npz":
-        data = load_npz(cfg.path)
+        data = load_npz(cfg.path, cfg.num_classes)
     else:
         data = load_tfds(cfg.name, cfg.data_dir, cfg.download)
     return hold_out_validation(data, cfg.validation_size)
