@@ -4,10 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
-# glibc hands XLA:CPU's ~290 MB of per-step buffers back to the OS and faults them in again
-# every step (~74k page faults, ~0.19 CPU s per ResNet-20 step); transparent huge pages for
-# malloc cut that to ~0.05 s: ResNet-20 step 0.635 -> 0.568 s on 2 cores (PyTorch 0.391 ->
-# 0.366 s). Ignored by a glibc that lacks the tunable.
+# Huge pages for malloc, so glibc keeps XLA:CPU's per-step buffers instead of faulting them in
+# again every step (docs/performance.md); a glibc without the tunable ignores it.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: help demo test test-all bench lint format venv clean

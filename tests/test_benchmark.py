@@ -121,7 +121,7 @@ def test_benchmark_rejects_more_cores_than_the_machine_has(tmp_path, capsys):
 
 
 def test_per_core_benchmark_pins_jax_and_pytorch_to_one_core(tmp_path):
-    # In a subprocess: pinning would otherwise narrow the test session itself.
+    # In a subprocess: pinning would otherwise narrow the pytest process itself.
     args = ["--models", "residual", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
     args += ["--steps", "1", "--repeats", "1", "--cores", "1", "--out", str(tmp_path)]
     args += ["--name", "core"] + (["--torch"] if torch_available() else [])

@@ -3,7 +3,7 @@
 For each layer shape it times, under jit on the CPU, the forward pass, the kernel
 gradient (dW) and the input gradient (dX) of `lax.conv_general_dilated` ("xla") and of
 `resnet_flax.models.conv.conv_general_dilated` ("fast"), plus (with --all) the matrix-product
-alternatives that were tried for dW and the forward pass. The convolution input is
+alternatives for dW and the forward pass. The convolution input is
 produced inside the jitted function by a BatchNorm/ReLU/residual-like elementwise chain,
 as in a real network: that is what makes XLA's own kernel gradient slow (it fuses the
 chain into a strided NHWC->CHWN transpose).

@@ -53,9 +53,8 @@ def _group_batch_norm_class():
             if not self.training or x.shape[0] == self.group:
                 return super().forward(x)
             check_bn_batch(self.group, x.shape[0])  # as resnet_flax.models.batchnorm.GroupBatchNorm
-            # PyTorch's own kernel per group (a vectorised var_mean over a grouped view made
-            # the ResNet-20 step 0.49 s instead of 0.34 s). Fresh buffers with momentum 1
-            # receive each group's statistics, in PyTorch's conventions.
+            # PyTorch's own kernel per group, faster than a var_mean over a grouped view; fresh
+            # buffers with momentum 1 receive each group's statistics, in PyTorch's conventions.
             outs, means, variances = [], [], []
             for chunk in x.split(self.group):
                 mean = torch.zeros_like(self.running_mean)
@@ -158,8 +157,8 @@ class TorchStepTimer:
     """PyTorch eager SGD steps timed in a child process, in rounds that can alternate with JAX.
 
     A separate process keeps the two frameworks' thread pools apart (PyTorch's OpenMP threads
-    keep spinning after its ops: alternated in one process, JAX's step measured ~20% slower),
-    and alternating rounds expose both to the same drift of a shared machine.
+    keep spinning after its ops and slow JAX's step in the same process), and alternating
+    rounds expose both to the same drift of a shared machine.
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int, image_size: int, steps: int = 5):

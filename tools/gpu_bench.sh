@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run (benchmarks and the accelerator-path tests): ~6-8 minutes
-# on an H100. Test it on CPU first with SMOKE=1 (tiny).
-#   bash tools/gpu_session.sh            # on the GPU machine, from the repository root
+# Every GPU benchmark in one run: ~6-8 minutes on an H100. Test it on CPU first with SMOKE=1 (tiny).
+#   bash tools/gpu_bench.sh              # on the GPU machine, from the repository root
 # Writes results/benchmarks/<gpu name>/gpu_*.{json,md}; every file is rewritten after each
 # measured row, so a run cut short by its time limit keeps what it measured.
-# The GPU image has jax, flax, optax, orbax, pandas; --preset also needs hydra-core and
-# omegaconf (carry their wheels; without them the fig6 estimate step is skipped).
+# Needs jax, flax, optax, orbax and pandas; the fig6 estimate (--preset) also needs hydra-core
+# and omegaconf and is skipped without them.
 set -u
 PY=${PY:-python3}
 OUT_ARG=${OUT:+--out $OUT}   # OUT=dir writes there instead (the smoke test)
