@@ -11,6 +11,7 @@ from pathlib import Path
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.architecture import architecture_fields
 from resnet_flax.data.config import STREAMED, DataConfig
 from resnet_flax.models.spec import ModelSpec, check_bn_batch, resolve
 from resnet_flax.rundir import RunStatus, read_summary
@@ -90,18 +91,6 @@ register_resolvers()
 def _container(node: DictConfig) -> dict:
     """A resolved plain dict of one config node."""
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-
-
-def architecture_fields(cfg: DictConfig) -> dict:
-    """The keys that choose the network, shared by the train and model_info configs."""
-    return {
-        "model": cfg.model,
-        "depth": cfg.depth,
-        "family": cfg.family,
-        # YAML reads a bare A/B/C as a string, but be safe with odd overrides.
-        "shortcut": str(cfg.shortcut),
-        "block": cfg.block,
-    }
 
 
 def to_library(

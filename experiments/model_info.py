@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from experiments.config import architecture_fields
+from experiments.architecture import architecture_fields
 from resnet_flax.models.counts import summarize
 from resnet_flax.models.spec import ModelSpec, SpecError
 

@@ -1,0 +1,17 @@
+"""The config keys that choose the network, shared by the train and model_info configs."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+def architecture_fields(cfg: DictConfig) -> dict:
+    """ModelSpec's architecture fields (model, depth, family, shortcut, block) from a config."""
+    return {
+        "model": cfg.model,
+        "depth": cfg.depth,
+        "family": cfg.family,
+        # YAML reads a bare A/B/C as a string, but be safe with odd overrides.
+        "shortcut": str(cfg.shortcut),
+        "block": cfg.block,
+    }
