@@ -112,9 +112,7 @@ def to_library(
     )
     resolve(spec)
     data_cfg = DataConfig.from_dict(_container(cfg.dataset))
-    optim_fields = _container(cfg.optim)
-    optim_fields["boundaries"] = tuple(int(b) for b in optim_fields.get("boundaries") or ())
-    optim = OptimConfig(**optim_fields)
+    optim = OptimConfig.from_dict(_container(cfg.optim))
     if optim.schedule not in SCHEDULES:
         raise ConfigError(
             f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {optim.schedule!r}"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "run_config.json"
+ANALYSIS_FILE = "analysis.json"
 HYDRA_CONFIG_FILE = os.path.join(".hydra", "config.yaml")
 CHECKPOINT_DIR = "checkpoints"
 # Written by a job that trains several seeds as one program: the runs are its seed_<s>
@@ -40,13 +42,23 @@ class RunStatus(StrEnum):
     INCOMPLETE = "incomplete"
 
 
-def read_summary(run_dir: Path) -> dict:
-    """A run's summary.json, or {} when it is missing or unreadable."""
-    try:
-        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):
+def read_json(path: Path, warn: bool = False) -> dict:
+    """A JSON object file, or {} when it is missing or unreadable (warn: say so if unreadable)."""
+    path = Path(path)
+    if not path.is_file():
         return {}
-    return summary if isinstance(summary, dict) else {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        if warn:
+            warnings.warn(f"{path}: unreadable ({error})", stacklevel=2)
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def read_summary(run_dir: Path, warn: bool = False) -> dict:
+    """A run's summary.json, or {} when it is missing or unreadable."""
+    return read_json(Path(run_dir) / SUMMARY_FILE, warn)
 
 
 def write_json(path: Path, content: dict) -> None:
@@ -101,17 +113,31 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The metrics lines of a run; a torn last line (killed mid-write) is dropped."""
-    if not path.exists():
+def read_metrics(path: Path, warn: bool = False) -> list[dict]:
+    """The JSON-object lines of a metrics file; others (a line torn by a kill) are dropped.
+
+    warn: a UserWarning names each dropped line that is not blank.
+    """
+    path = Path(path)
+    if not path.is_file():
         return []
     lines = []
-    for raw in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            continue
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = _json_object(raw)
+        if line is not None:
+            lines.append(line)
+        elif warn and raw.strip():
+            warnings.warn(f"{path}:{number}: skipping malformed JSON line", stacklevel=2)
     return lines
+
+
+def _json_object(raw: str) -> dict | None:
+    """The JSON object on one line, or None (blank, torn, or not an object)."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _finite(value):

@@ -1,5 +1,8 @@
 """The recipe: schedules in iterations, the ResNet-110 warm-up, weight decay on weights only."""
 
+import dataclasses
+import json
+
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -7,6 +10,13 @@ from flax import nnx
 from resnet_flax.models.resnet import build_model
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.optim import OptimConfig, learning_rate, make_schedule, weight_decay_mask
+
+
+def test_from_dict_reads_hydra_and_run_config_fields():
+    cfg = OptimConfig(lr=0.05, boundaries=(100, 200), warmup_lr=0.01)
+    assert OptimConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    assert OptimConfig.from_dict({"boundaries": [1.0, "2"]}).boundaries == (1, 2)
+    assert OptimConfig.from_dict({"schedule": "cosine", "boundaries": None}).boundaries == ()
 
 
 def test_paper_schedule_divides_by_ten_at_32k_and_48k():

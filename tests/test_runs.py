@@ -20,6 +20,7 @@ from resnet_flax.analysis.runs import (
     run_curves,
     select_final,
 )
+from resnet_flax.rundir import read_metrics
 
 ITERATIONS = 1000
 # Final (train, test) errors of the synthetic sweep: plain degrades, residual does not.
@@ -209,6 +210,17 @@ def test_config_only_and_identity_from_config(tmp_path: Path) -> None:
         "digits",
     )
     assert math.isnan(row["final_test_error"]) and row["values_from"] == "none"
+
+
+def test_read_metrics_keeps_json_objects_only(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1}\n\n[1]\n{"iteration": 2, "tor\n')
+    assert read_metrics(path) == [{"iteration": 1}]
+    with pytest.warns(UserWarning, match="skipping malformed") as warned:
+        assert read_metrics(path, warn=True) == [{"iteration": 1}]
+    # lines 3 and 4; the blank line 2 is no error
+    assert [str(w.message).split(":")[-2] for w in warned] == ["3", "4"]
+    assert read_metrics(tmp_path / "absent.jsonl") == []
 
 
 def test_load_metrics_and_curves(sweep: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -16,6 +15,7 @@ from resnet_flax.data.config import DataConfig
 from resnet_flax.data.memory import load_dataset
 from resnet_flax.models.resnet import flatten_responses
 from resnet_flax.models.spec import ModelSpec
+from resnet_flax.rundir import ANALYSIS_FILE, RUN_CONFIG_FILE, read_json, write_json
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like
 from resnet_flax.training.optim import OptimConfig, make_optimizer
 from resnet_flax.training.state import initial_state
@@ -28,32 +28,29 @@ class AnalysisError(ValueError):
 
 def load_run_config(run_dir: Path) -> dict:
     """The library-level configuration that train() saved in the run directory."""
-    path = Path(run_dir) / "run_config.json"
-    if not path.exists():
-        raise AnalysisError(f"{run_dir} has no run_config.json: is it a training run directory?")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(Path(run_dir) / RUN_CONFIG_FILE)
+    if not cfg:
+        raise AnalysisError(f"{run_dir} has no {RUN_CONFIG_FILE}: is it a training run directory?")
     cfg["model"] = ModelSpec(**cfg["model"])
     cfg["data"] = DataConfig.from_dict(cfg["data"])
-    cfg["optim"] = OptimConfig(**{**cfg["optim"], "boundaries": tuple(cfg["optim"]["boundaries"])})
+    cfg["optim"] = OptimConfig.from_dict(cfg["optim"])
     return cfg
 
 
 def kernel_layers(params) -> list[tuple[str, jax.Array]]:
-    """Each branch conv's kernel (3x3 and others) in layer order, named like the responses."""
-    out = []
-    for s, stage in sorted(params["stages"].items()):
-        first, rest = stage["first"]["convs"], stage.get("rest")
-        for c, conv in sorted(first.items()):
-            out.append((f"stage{s + 1}/block0/conv{c + 1}", conv["conv"]["kernel"]))
-        if rest is not None:
-            convs = rest["convs"]
-            num = next(iter(convs.values()))["conv"]["kernel"].shape[0]
-            for b in range(num):
-                for c, conv in sorted(convs.items()):
-                    out.append(
-                        (f"stage{s + 1}/block{b + 1}/conv{c + 1}", conv["conv"]["kernel"][b])
-                    )
-    return out
+    """Each branch conv's kernel (3x3 and others) in layer order, named as the responses are."""
+    stages = [
+        {"first": _kernels(stage["first"]), "rest": _kernels(stage.get("rest"))}
+        for _, stage in sorted(params["stages"].items())
+    ]
+    return flatten_responses(stages)
+
+
+def _kernels(blocks) -> list[jax.Array]:
+    """The conv kernels of a block (or of stacked blocks) in order; [] for no blocks."""
+    if blocks is None:
+        return []
+    return [conv["conv"]["kernel"] for _, conv in sorted(blocks["convs"].items())]
 
 
 def gradient_norm_fn(graphdef, x: jax.Array, y: jax.Array):
@@ -160,5 +157,5 @@ def analyze_run(run_dir: str | Path, grad_batch: int = 256) -> dict:
         "grad_batch": grad_batch,
         "layers": layers,
     }
-    (run_dir / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(run_dir / ANALYSIS_FILE, result)
     return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -15,11 +14,15 @@ import pandas as pd
 import yaml
 
 from resnet_flax.rundir import (
+    ANALYSIS_FILE,
     HYDRA_CONFIG_FILE,
     METRICS_FILE,
     SEED_GROUP_MARKER,
     SUMMARY_FILE,
     RunStatus,
+    read_json,
+    read_metrics,
+    read_summary,
 )
 
 # Files whose presence marks a directory as a run directory.
@@ -90,31 +93,9 @@ def is_run_dir(path: Path) -> bool:
     return any((path / marker).is_file() for marker in RUN_MARKERS)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file, skipping (with a warning) lines that are not JSON objects."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-write leaves a truncated last line; keep the rest.
-                warnings.warn(f"{path}:{number}: skipping malformed JSON line", stacklevel=2)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                warnings.warn(f"{path}:{number}: skipping non-object JSON line", stacklevel=2)
-    return records
-
-
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """Return metrics.jsonl of a run as a frame sorted by iteration (empty if absent)."""
-    path = Path(run_dir) / METRICS_FILE
-    records = read_jsonl(path) if path.is_file() else []
-    frame = pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(read_metrics(Path(run_dir) / METRICS_FILE, warn=True))
     if frame.empty or "iteration" not in frame:
         return pd.DataFrame(columns=["iteration", "epoch"])
     return frame.sort_values("iteration", kind="stable").reset_index(drop=True)
@@ -142,31 +123,12 @@ def run_curves(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_analysis(run_dir: str | Path) -> dict[str, Any] | None:
     """Return a run's analysis.json, or None when absent or unreadable."""
-    path = Path(run_dir) / "analysis.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError) as error:
-        warnings.warn(f"{path}: unreadable analysis ({error})", stacklevel=2)
-        return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object file; a missing or broken file gives an empty dict and a warning."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError) as error:
-        warnings.warn(f"{path}: unreadable ({error})", stacklevel=2)
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json(Path(run_dir) / ANALYSIS_FILE, warn=True) or None
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
     """Read .hydra/config.yaml as plain data (empty dict when absent or broken)."""
-    path = run_dir / ".hydra" / "config.yaml"
+    path = run_dir / HYDRA_CONFIG_FILE
     if not path.is_file():
         return {}
     try:
@@ -268,7 +230,7 @@ def _fill_from_metrics(row: dict[str, Any], metrics: pd.DataFrame) -> None:
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """Return one row describing a run directory (never raises for broken run contents)."""
     run_dir = Path(run_dir)
-    summary = _read_json(run_dir / SUMMARY_FILE)
+    summary = read_summary(run_dir, warn=True)
     row: dict[str, Any] = {"run_dir": str(run_dir)}
     row.update(_identity(run_dir, summary, _read_config(run_dir)))
     row["status"] = summary.get("status") or _status_without_summary(run_dir)
@@ -283,7 +245,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     row["values_from"] = "summary" if has_summary_values else "none"
     row["train_error_source"] = "eval" if not math.isnan(row["final_train_error"]) else None
     _fill_from_metrics(row, load_metrics(run_dir))
-    row["has_analysis"] = (run_dir / "analysis.json").is_file()
+    row["has_analysis"] = (run_dir / ANALYSIS_FILE).is_file()
     return row
 
 

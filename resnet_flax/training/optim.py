@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,12 @@ class OptimConfig:
     warmup_lr: float | None = None
     warmup_until_error: float | None = None
     warmup_iterations: int = 0
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> OptimConfig:
+        """An OptimConfig from a plain dict: Hydra's optim node or run_config.json's "optim"."""
+        boundaries = tuple(int(b) for b in fields.get("boundaries") or ())
+        return cls(**{**fields, "boundaries": boundaries})
 
 
 def make_schedule(cfg: OptimConfig, total_iterations: int) -> optax.Schedule:
