@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -219,11 +221,27 @@ def degradation_verdict(table: pd.DataFrame, margin: float = MARGIN) -> Verdict:
     return Verdict(plain_degrades, residual_avoids, text)
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table."""
+# A markdown table column: its header and how a row (a namedtuple) becomes its cell.
+Column = tuple[str, Callable[[Any], str]]
+
+
+def _markdown(frame: pd.DataFrame, columns: Sequence[Column]) -> str:
+    """A GitHub markdown table with one line per row of ``frame``."""
+    header = [name for name, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(row) for _, cell in columns) + " |")
     return "\n".join(lines)
+
+
+def _field(name: str, fmt: Callable[[Any], str] = str) -> Callable[[Any], str]:
+    """A cell that formats one field of the row."""
+    return lambda row: fmt(getattr(row, name))
+
+
+def _count(value: Any) -> str:
+    """An integer field, '–' for missing."""
+    return "–" if pd.isna(value) else str(int(value))
 
 
 def _status_text(row: pd.Series) -> str:
@@ -233,33 +251,31 @@ def _status_text(row: pd.Series) -> str:
     return ", ".join(f"{int(row[s])} {s}" for s in statuses if row[s]) or "–"
 
 
+def _error_cell(value: str) -> Callable[[Any], str]:
+    """'mean ± std' of a final error in percent, starred when the row is partial."""
+    return lambda row: (
+        _pct_std(getattr(row, f"{value}_mean"), getattr(row, f"{value}_std"))
+        + ("*" if row.partial else "")
+    )
+
+
 def final_errors_markdown(table: pd.DataFrame, dataset: str | None) -> str:
     """The per-(model, depth) table of final errors with published numbers beside ours."""
-    rows = []
-    for row in table.itertuples(index=False):
-        series = pd.Series(row._asdict())
-        mark = "*" if row.partial else ""
-        rows.append(
-            [
-                str(row.model),
-                str(int(row.depth)),
-                _pct_std(row.final_train_error_mean, row.final_train_error_std) + mark,
-                _pct_std(row.final_test_error_mean, row.final_test_error_std) + mark,
-                published_for(dataset, row.model, row.depth) or "–",
-                str(row.n),
-                _status_text(series),
-            ]
-        )
-    header = [
-        "model",
-        "depth",
-        "train error (%)",
-        "test error (%)",
-        "published test error (%)",
-        "n seeds",
-        "runs",
-    ]
-    return _markdown(header, rows)
+    return _markdown(
+        table,
+        [
+            ("model", _field("model")),
+            ("depth", _field("depth", _count)),
+            ("train error (%)", _error_cell("final_train_error")),
+            ("test error (%)", _error_cell("final_test_error")),
+            (
+                "published test error (%)",
+                lambda row: published_for(dataset, row.model, row.depth) or "–",
+            ),
+            ("n seeds", _field("n")),
+            ("runs", lambda row: _status_text(pd.Series(row._asdict()))),
+        ],
+    )
 
 
 def comparison_markdown(table: pd.DataFrame) -> str:
@@ -267,28 +283,14 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     both = comparison_table(table)
     if both.empty:
         return ""
-    rows = [
-        [
-            str(int(r.depth)),
-            _pct(r.final_train_error_mean_plain),
-            _pct(r.final_train_error_mean_residual),
-            _pp(r.final_train_error_diff),
-            _pct(r.final_test_error_mean_plain),
-            _pct(r.final_test_error_mean_residual),
-            _pp(r.final_test_error_diff),
+    columns: list[Column] = [("depth", _field("depth", _count))]
+    for value, label in (("final_train_error", "train"), ("final_test_error", "test")):
+        columns += [
+            (f"plain {label} (%)", _field(f"{value}_mean_plain", _pct)),
+            (f"residual {label} (%)", _field(f"{value}_mean_residual", _pct)),
+            (f"{label} diff", _field(f"{value}_diff", _pp)),
         ]
-        for r in both.itertuples(index=False)
-    ]
-    header = [
-        "depth",
-        "plain train (%)",
-        "residual train (%)",
-        "train diff",
-        "plain test (%)",
-        "residual test (%)",
-        "test diff",
-    ]
-    return _markdown(header, rows)
+    return _markdown(both, columns)
 
 
 def excluded_runs_markdown(runs: pd.DataFrame) -> str:
@@ -296,19 +298,18 @@ def excluded_runs_markdown(runs: pd.DataFrame) -> str:
     others = runs[runs["status"] != RunStatus.COMPLETED]
     if others.empty:
         return ""
-    rows = [
+    return _markdown(
+        others,
         [
-            str(r.model),
-            "–" if pd.isna(r.depth) else str(int(r.depth)),
-            "–" if pd.isna(r.seed) else str(int(r.seed)),
-            str(r.status),
-            "–" if pd.isna(r.iterations) else str(int(r.iterations)),
-            str(r.message) if isinstance(r.message, str) and r.message else "–",
-            f"`{r.run_dir}`",
-        ]
-        for r in others.itertuples(index=False)
-    ]
-    return _markdown(["model", "depth", "seed", "status", "iterations", "message", "run"], rows)
+            ("model", _field("model")),
+            ("depth", _field("depth", _count)),
+            ("seed", _field("seed", _count)),
+            ("status", _field("status")),
+            ("iterations", _field("iterations", _count)),
+            ("message", _field("message", lambda m: m if isinstance(m, str) and m else "–")),
+            ("run", _field("run_dir", lambda path: f"`{path}`")),
+        ],
+    )
 
 
 def _dataset_section(runs: pd.DataFrame, dataset: str | None) -> tuple[str, Verdict]:
