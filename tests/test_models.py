@@ -1,5 +1,6 @@
 """Model zoo: published parameter counts, MACs, shapes, shortcut options and the math of blocks."""
 
+import math
 import re
 
 import jax
@@ -19,6 +20,8 @@ from resnet_flax.models.resnet import (
 )
 from resnet_flax.models.spec import ModelSpec, SpecError, resolve
 
+# He et al. 2015 Table 6 (#params): ResNet-20/32/44/56/110/1202 = 0.27/0.46/0.66/0.85/1.7/19.4M
+# (option A: no shortcut parameters, so the plain nets have the same counts).
 CIFAR_PARAMS = {
     20: 269_722,
     32: 464_154,
@@ -27,6 +30,9 @@ CIFAR_PARAMS = {
     110: 1_727_962,
     1202: 19_421_274,
 }
+CIFAR_PAPER_MILLIONS = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}
+# torchvision's ResNet-18/34/50/101/152 (He et al. 2015 Table 1, projections where the shape
+# changes): 11.69M, 21.80M, 25.56M, 44.55M, 60.19M; the exact numbers of its model docs.
 IMAGENET_PARAMS = {
     18: 11_689_512,
     34: 21_797_672,
@@ -34,13 +40,94 @@ IMAGENET_PARAMS = {
     101: 44_549_160,
     152: 60_192_808,
 }
+# Our builder's counts, each also derived by hand in cifar_params below (He et al. 2015
+# publish no counts for options B and C on CIFAR). B adds two 1x1 projections + BN at the
+# stage changes (16->32, 32->64); C one in every unit.
+CIFAR_B_PARAMS = {20: 272_474, 32: 466_906, 44: 661_338, 56: 855_770, 110: 1_730_714}
+CIFAR_C_PARAMS = {20: 283_962, 32: 489_594, 44: 695_226, 56: 900_858, 110: 1_826_202}
+# He et al. 2016 (Identity Mappings), pre-activation bottleneck nets with projections where the
+# shape changes (KaimingHe/resnet-1k-layers): ResNet-164 1.7M, ResNet-1001 10.2M.
+PREACT_PARAMS = {164: 1_703_258, 1001: 10_327_706}
+
+
+def cifar_params(depth: int, model: str, shortcut: str, block: str) -> int:
+    """A CIFAR net's parameters counted by hand from the papers' layer lists.
+
+    conv k x k: k*k*cin*cout (no bias); BN: scale and shift per channel; classifier 64x10 + 10.
+    Post-activation: a BN after every conv (the stem's included); pre-activation (He et al.
+    2016): a BN before every branch conv, none after the stem, projections without BN, and one
+    final BN. Bottleneck units: 1x1 (w), 3x3 (w), 1x1 (4w).
+    """
+    preact, basic = model == "preact", block == "basic"
+    n = (depth - 2) // (3 * (2 if basic else 3))
+    total = 3 * 3 * 3 * 16 + (0 if preact else 2 * 16)
+    cin = 16
+    for stage, width in enumerate((16, 32, 64)):
+        cout = width if basic else 4 * width
+        for unit in range(n):
+            c = cin if unit == 0 else cout
+            convs = (
+                [(3, c, width), (3, width, cout)]
+                if basic
+                else [(1, c, width), (3, width, width), (1, width, cout)]
+            )
+            total += sum(k * k * a * b for k, a, b in convs)
+            total += sum(2 * (a if preact else b) for _, a, b in convs)
+            changes = unit == 0 and (stage > 0 or c != cout)
+            if shortcut == "C" or (shortcut == "B" and changes):
+                total += c * cout + (0 if preact else 2 * cout)
+        cin = cout
+    return total + (2 * cin if preact else 0) + cin * 10 + 10
+
+
+def weights_only(model) -> int:
+    """Parameters outside BatchNorm: conv kernels and the classifier."""
+    state = nnx.state(model, nnx.Param)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return sum(
+        math.prod(leaf.shape)
+        for path, leaf in leaves
+        if not any(getattr(k, "key", None) == "bn" for k in path)
+    )
 
 
 @pytest.mark.parametrize("depth,expected", CIFAR_PARAMS.items())
 def test_cifar_option_a_counts_match_paper(depth, expected):
     for model in ("residual", "plain"):
         assert count_params(abstract_model(ModelSpec(model=model, depth=depth))) == expected
+    assert cifar_params(depth, "residual", "A", "basic") == expected
+    assert round(expected / 1e6, 2 if depth < 100 else 1) == CIFAR_PAPER_MILLIONS[depth]
     assert resolve(ModelSpec(depth=depth)).weighted_layers == depth
+
+
+@pytest.mark.parametrize("depth", CIFAR_B_PARAMS)
+def test_cifar_option_b_and_c_counts(depth):
+    for shortcut, pinned in (("B", CIFAR_B_PARAMS), ("C", CIFAR_C_PARAMS)):
+        count = count_params(abstract_model(ModelSpec(depth=depth, shortcut=shortcut)))
+        assert count == pinned[depth] == cifar_params(depth, "residual", shortcut, "basic")
+    # B: two projections + BN, 16*32 + 2*32 + 32*64 + 2*64 = 2752 over option A at any depth
+    assert CIFAR_B_PARAMS[depth] - CIFAR_PARAMS[depth] == 2_752
+
+
+@pytest.mark.parametrize("depth,expected", PREACT_PARAMS.items())
+def test_preact_bottleneck_counts_match_identity_mappings(depth, expected):
+    model = abstract_model(ModelSpec(model="preact", depth=depth, shortcut="B"))
+    assert count_params(model) == expected == cifar_params(depth, "preact", "B", "bottleneck")
+    # The paper's 10.2M for ResNet-1001 is its conv and classifier weights (10.18M); with
+    # BN's scales and shifts (149,216 more) resnet-1k-layers' net has 10.33M. 164: 1.7M both.
+    paper = {164: 1.7, 1001: 10.2}[depth]
+    assert round(weights_only(model) / 1e6, 1) == paper
+    assert round(expected / 1e6, 1) == (1.7 if depth == 164 else 10.3)
+
+
+def test_preact_basic_counts_by_hand():
+    for depth in (20, 110):
+        for shortcut in ("A", "B"):
+            spec = ModelSpec(model="preact", depth=depth, shortcut=shortcut)
+            expected = cifar_params(depth, "preact", shortcut, "basic")
+            assert count_params(abstract_model(spec)) == expected
+    # A pre-activation net has as many BNs as the original (one moves from stem to head).
+    assert cifar_params(110, "preact", "A", "basic") == CIFAR_PARAMS[110]
 
 
 @pytest.mark.parametrize("depth,expected", IMAGENET_PARAMS.items())
@@ -48,6 +135,33 @@ def test_imagenet_option_b_counts_match_torchvision(depth, expected):
     spec = ModelSpec(depth=depth, family="imagenet", shortcut="B", num_classes=1000)
     assert count_params(abstract_model(spec)) == expected
     assert resolve(spec).weighted_layers == depth
+
+
+def test_imagenet_option_a_drops_the_three_projections():
+    # ResNet-18/34 with option A (He et al. 2015 Table 2): the B count less the 1x1 projections
+    # + BN at the three stage changes (64->128, 128->256, 256->512).
+    projections = sum(a * b + 2 * b for a, b in ((64, 128), (128, 256), (256, 512)))
+    for depth in (18, 34):
+        spec = ModelSpec(depth=depth, family="imagenet", shortcut="A", num_classes=1000)
+        assert count_params(abstract_model(spec)) == IMAGENET_PARAMS[depth] - projections
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec(depth=50, family="imagenet", shortcut="B", num_classes=1000),
+        ModelSpec(model="preact", depth=164, shortcut="B"),
+    ],
+)
+def test_conventions_keep_the_parameter_count(spec):
+    # Where the stride sits, how strided convs pad and what a shortcut takes: no new weights.
+    base = count_params(abstract_model(spec))
+    for change in (
+        {"bottleneck_stride": "1x1"},
+        {"strided_padding": "same"},
+        {"preact_first_shortcut": "activated"},
+    ):
+        assert count_params(abstract_model(spec.replace(**change))) == base, change
 
 
 @pytest.mark.parametrize("depth,macs", [(20, 40.55e6), (56, 125.49e6), (110, 252.89e6)])
@@ -62,11 +176,7 @@ def test_resnet50_macs():
     assert summarize(spec).macs == pytest.approx(4.09e9, rel=0.02)
 
 
-def test_preact_bottleneck_depths():
-    # He et al. 2016: ResNet-164 1.7M, ResNet-1001 10.2M parameters.
-    assert summarize(ModelSpec(model="preact", depth=164, shortcut="B")).params == pytest.approx(
-        1.7e6, rel=0.01
-    )
+def test_preact_block_kinds_by_depth():
     assert resolve(ModelSpec(model="preact", depth=1001)).block == "bottleneck"
     assert resolve(ModelSpec(model="preact", depth=110)).block == "basic"
 
@@ -99,6 +209,18 @@ def test_option_c_projects_every_block_and_b_only_at_changes():
         (ModelSpec(shortcut="D"), "shortcut must be one of A, B, C"),
         (ModelSpec(depth=32, block="bottleneck"), "9n+2 (164, 1001, ...); got 32"),
         (ModelSpec(bn_batch=0), "bn_batch must be a positive integer or null"),
+        (
+            ModelSpec(bottleneck_stride="2x2"),
+            "bottleneck_stride must be one of 3x3, 1x1; got '2x2'",
+        ),
+        (
+            ModelSpec(strided_padding="SAME"),
+            "strided_padding must be one of symmetric, same; got 'SAME'",
+        ),
+        (
+            ModelSpec(preact_first_shortcut="identity"),
+            "preact_first_shortcut must be one of raw, activated; got 'identity'",
+        ),
     ],
 )
 def test_invalid_specs_name_the_valid_values(spec, message):

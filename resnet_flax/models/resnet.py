@@ -39,6 +39,14 @@ def _batch_norm(
     )
 
 
+def _padding(spec: ModelSpec, kernel: int, stride: int) -> str | tuple:
+    """A conv or pool window's padding: (k-1)/2 each side, or TF's SAME where strided."""
+    if spec.strided_padding == "same" and stride > 1:
+        return "SAME"  # TF: the deficit split floor before, ceil after (0/1 on even maps)
+    pad = (kernel - 1) // 2
+    return ((pad, pad), (pad, pad))
+
+
 class ConvBN(nnx.Module):
     """Convolution without bias followed by BatchNorm (the BN may be zero-initialised)."""
 
@@ -52,16 +60,18 @@ class ConvBN(nnx.Module):
         *,
         zero_scale: bool = False,
         bn: bool = True,
+        padding: str | tuple | None = None,
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(spec.dtype)
-        pad = (kernel - 1) // 2
+        if padding is None:
+            padding = _padding(spec, kernel, stride)
         self.conv = nnx.Conv(
             cin,
             cout,
             (kernel, kernel),
             strides=stride,
-            padding=((pad, pad), (pad, pad)),
+            padding=padding,
             use_bias=False,
             kernel_init=he_normal,
             dtype=dtype,
@@ -103,15 +113,25 @@ class Block(nnx.Module):
     """
 
     def __init__(
-        self, spec: ModelSpec, kind: str, cin: int, width: int, cout: int, stride: int, rngs
+        self,
+        spec: ModelSpec,
+        kind: str,
+        cin: int,
+        width: int,
+        cout: int,
+        stride: int,
+        rngs: nnx.Rngs,
+        *,
+        stage_first: bool = False,
     ):
         self.preact = spec.model == "preact"
         self.residual = spec.model != "plain"
         self.cout, self.stride = cout, stride
         if kind == "basic":
             shapes = [(cin, width, 3, stride), (width, cout, 3, 1)]
+        elif spec.bottleneck_stride == "1x1":
+            shapes = [(cin, width, 1, stride), (width, width, 3, 1), (width, cout, 1, 1)]
         else:
-            # Stride on the 3x3 (as torchvision and Flax's examples: "ResNet v1.5").
             shapes = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)]
         last = len(shapes) - 1
         zero_last = spec.zero_init_residual and self.residual and not self.preact
@@ -143,6 +163,10 @@ class Block(nnx.Module):
         self.projection = (
             ConvBN(spec, cin, cout, 1, stride, bn=not self.preact, rngs=rngs) if project else None
         )
+        # fb.resnet.torch's stage-first units apply BN-ReLU before splitting into two paths.
+        self.shared_preact = (
+            self.preact and stage_first and spec.preact_first_shortcut == "activated"
+        )
 
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, list[jax.Array]]:
         """Apply the unit; also return each branch conv's response (after BN in v1)."""
@@ -162,7 +186,8 @@ class Block(nnx.Module):
             if self.projection is not None:
                 h = h + self.projection(first_preact if self.preact else x, train)
             else:
-                h = h + option_a_shortcut(x, self.cout, self.stride).astype(h.dtype)
+                short = first_preact if self.shared_preact else x
+                h = h + option_a_shortcut(short, self.cout, self.stride).astype(h.dtype)
         return (h if self.preact else nnx.relu(h)), responses
 
 
@@ -175,7 +200,9 @@ class Stage(nnx.Module):
         if loop == "auto":
             loop = "unroll" if jax.default_backend() == "cpu" else "scan"
         self.unroll = loop == "unroll"
-        self.first = Block(spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs)
+        self.first = Block(
+            spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs, stage_first=True
+        )
         self.num_rest = plan.num_blocks - 1
         rest = None
         if self.num_rest > 0:
@@ -237,10 +264,19 @@ class ResNet(nnx.Module):
         stem_kernel, stem_stride = (3, 1) if spec.family == "cifar" else (7, 2)
         # A CIFAR pre-activation net starts straight with a conv; its first unit normalises.
         stem_bn = not (self.preact and spec.family == "cifar")
+        pad = (stem_kernel - 1) // 2  # 3/3 for the 7x7 in every reference, TF official too
         self.stem = ConvBN(
-            spec, spec.in_channels, arch.stem_width, stem_kernel, stem_stride, bn=stem_bn, rngs=rngs
+            spec,
+            spec.in_channels,
+            arch.stem_width,
+            stem_kernel,
+            stem_stride,
+            bn=stem_bn,
+            padding=((pad, pad), (pad, pad)),
+            rngs=rngs,
         )
         self.stem_bn = stem_bn
+        self.pool_padding = _padding(spec, 3, 2)
         stages, cin = [], arch.stem_width
         for plan in arch.stages:
             stages.append(Stage(spec, arch.block, cin, plan, rngs))
@@ -258,7 +294,7 @@ class ResNet(nnx.Module):
         if self.stem_bn:
             x = nnx.relu(x)
         if self.family == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=self.pool_padding)
         responses = []
         for stage in self.stages:
             x, r = stage(x, train)

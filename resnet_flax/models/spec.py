@@ -10,6 +10,10 @@ FAMILIES = ("cifar", "imagenet")
 SHORTCUTS = ("A", "B", "C")
 BLOCKS = ("auto", "basic", "bottleneck")
 DTYPES = ("float32", "bfloat16")
+# Conventions on which published implementations of the same network differ.
+BOTTLENECK_STRIDES = ("3x3", "1x1")
+STRIDED_PADDINGS = ("symmetric", "same")
+PREACT_FIRST_SHORTCUTS = ("raw", "activated")
 
 # ImageNet family, He et al. 2015 Table 1: blocks per stage and the block kind.
 IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -54,6 +58,16 @@ class ModelSpec:
     # "unroll" emits them one by one. "auto": unroll on CPU, where XLA runs convolution
     # gradients inside loops far slower than unrolled, scan on accelerators.
     stage_loop: str = "auto"
+    # Conventions on which published implementations differ (none changes the parameter count):
+    # where a bottleneck unit's stride sits; how strided 3x3 convs and the max pool pad (the
+    # 7x7 stem conv pads 3/3 either way); what a pre-activation net's stage-first unit passes
+    # to an identity/option-A shortcut (projections always take the BN-ReLU'd input).
+    # "3x3": torchvision, Flax examples (v1.5); "1x1": He 2015 Caffe prototxt, resnet-1k-layers.
+    bottleneck_stride: str = "3x3"
+    # "symmetric": 1/1 as torchvision; "same": TF official ResNet-50's SAME (0/1 on even maps).
+    strided_padding: str = "symmetric"
+    # "raw": the unit's input (He 2016 eq. 3); "activated": fb.resnet.torch's shared BN-ReLU.
+    preact_first_shortcut: str = "raw"
 
     def replace(self, **changes) -> ModelSpec:
         """Return a copy with some fields changed."""
@@ -145,6 +159,9 @@ def resolve(spec: ModelSpec) -> Architecture:
     _check_choice("dtype", spec.dtype, DTYPES)
     _check_choice("conv_impl", spec.conv_impl, ("auto", "xla", "fast"))
     _check_choice("stage_loop", spec.stage_loop, ("auto", "scan", "unroll"))
+    _check_choice("bottleneck_stride", spec.bottleneck_stride, BOTTLENECK_STRIDES)
+    _check_choice("strided_padding", spec.strided_padding, STRIDED_PADDINGS)
+    _check_choice("preact_first_shortcut", spec.preact_first_shortcut, PREACT_FIRST_SHORTCUTS)
     if not isinstance(spec.depth, int) or isinstance(spec.depth, bool):
         raise SpecError(f"depth must be an integer; got {spec.depth!r}")
     if spec.num_classes < 2:
