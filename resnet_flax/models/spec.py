@@ -64,7 +64,7 @@ class ModelSpec:
     # to an identity/option-A shortcut (projections always take the BN-ReLU'd input).
     # "3x3": torchvision, Flax examples (v1.5); "1x1": He 2015 Caffe prototxt, resnet-1k-layers.
     bottleneck_stride: str = "3x3"
-    # "symmetric": 1/1 as torchvision; "same": TF official ResNet-50's SAME (0/1 on even maps).
+    # "symmetric": 1/1 as torchvision; "same": SAME (0/1 on even maps), TF official, Flax examples.
     strided_padding: str = "symmetric"
     # "raw": the unit's input (He 2016 eq. 3); "activated": fb.resnet.torch's shared BN-ReLU.
     preact_first_shortcut: str = "raw"
