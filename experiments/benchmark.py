@@ -139,21 +139,27 @@ def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int, int | None]
     return jobs, int(cfg.trainer.batch_size), int(cfg.trainer.iterations), bn_batch
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every requested case and write JSON and Markdown results."""
-    args = parse_args(argv)
-    size = args.image_size or (32 if args.family == "cifar" else 224)
-    preset_iterations = None
-    if args.preset:
-        try:
-            jobs, batch, preset_iterations, bn_batch = preset_jobs(args.preset)
-        except Exception as err:  # an unknown preset: Hydra's message, in one line
-            print(f"error: --preset {args.preset}: {err}".splitlines()[0], file=sys.stderr)
-            return 2
-        args.models = list(dict.fromkeys(m for m, _ in jobs))
-        args.depths = list(dict.fromkeys(d for _, d in jobs))
-        args.batch_sizes = [batch]
-        args.bn_batches = [bn_batch]
+class UsageError(Exception):
+    """A request that cannot run: main prints it as one error line and exits with 2."""
+
+
+def apply_preset(args: argparse.Namespace) -> tuple[list[tuple[str, int]], int] | None:
+    """With --preset: take the nets, batch size and bn_batch it sweeps; its jobs and length."""
+    if not args.preset:
+        return None
+    try:
+        jobs, batch, iterations, bn_batch = preset_jobs(args.preset)
+    except Exception as err:  # an unknown preset: Hydra's message, in one line
+        raise UsageError(f"--preset {args.preset}: {err}".splitlines()[0]) from err
+    args.models = list(dict.fromkeys(m for m, _ in jobs))
+    args.depths = list(dict.fromkeys(d for _, d in jobs))
+    args.batch_sizes = [batch]
+    args.bn_batches = [bn_batch]
+    return jobs, iterations
+
+
+def make_cases(args: argparse.Namespace) -> list[tuple]:
+    """Every combination of the requested settings, each checked before anything compiles."""
     cases = list(
         itertools.product(
             args.models,
@@ -166,79 +172,105 @@ def main(argv: list[str] | None = None) -> int:
             args.bn_batches,
         )
     )
-    try:  # every choice is checked before anything compiles
+    try:
         for model, depth, batch, *_, bn_batch in cases:
             resolve(ModelSpec(model=model, depth=depth, family=args.family, bn_batch=bn_batch))
             check_bn_batch(bn_batch, batch)
+    except SpecError as err:
+        raise UsageError(str(err)) from err
+    return cases
+
+
+def set_up_backends(args: argparse.Namespace, cases: list[tuple]) -> None:
+    """Pin cores and split the CPU before JAX starts; check PyTorch before anything compiles."""
+    try:
         if args.cores is not None:
             pin_cores(args.cores)  # before JAX starts: its thread pools size to these cores
         count = cpu_device_count(args.cpu_devices, args.batch_sizes)
         use_cpu_devices(count, single_threaded=args.cores == 1)
-    except (SpecError, CpuDevicesError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
+    except CpuDevicesError as err:
+        raise UsageError(str(err)) from err
     import jax
 
     # Compile times are measured cold: never read them from a persistent cache
     # ($JAX_COMPILATION_CACHE_DIR, which `make` sets for training runs).
     jax.config.update("jax_enable_compilation_cache", False)
-    from resnet_flax.bench.step_timer import BenchCase, input_row, markdown_table, run_case
-    from resnet_flax.bench.torch_baseline import TorchStepTimer, check_torch_spec, torch_available
-    from resnet_flax.data.memory import DataError
+    if not args.torch:
+        return
+    from resnet_flax.bench.torch_baseline import check_torch_spec, torch_available
 
-    if args.torch and not torch_available():  # before anything compiles
-        print("error: --torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
-        return 2
+    if not torch_available():
+        raise UsageError("--torch needs PyTorch (pip install torch==2.13.0)")
     try:
-        for model, depth in dict.fromkeys((m, d) for m, d, *_ in cases) if args.torch else ():
+        for model, depth in dict.fromkeys((m, d) for m, d, *_ in cases):
             check_torch_spec(ModelSpec(model=model, depth=depth, family=args.family))
     except ValueError as err:
-        print(f"error: --torch: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out or Path("results") / "benchmarks" / device_label())
-    stem = args.name or time.strftime("%Y%m%d-%H%M%S")
-    command = "python -m experiments.benchmark " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    meta = {
-        "command": command,
-        "git_commit": git_commit(),
-        "versions": library_versions(),
-        "machine": platform.platform(),
-        "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-    rows: list[dict] = []
-    cores_text = "all" if args.cores is None else f"{args.cores} (pinned: {meta['cores']})"
+        raise UsageError(f"--torch: {err}") from err
 
-    def save(row: dict | None = None, estimate: str = "") -> None:
+
+class ResultFiles:
+    """The benchmark's JSON and Markdown files, rewritten after every row."""
+
+    def __init__(self, args: argparse.Namespace, argv: list[str] | None):
+        self.out = Path(args.out or Path("results") / "benchmarks" / device_label())
+        self.stem = args.name or time.strftime("%Y%m%d-%H%M%S")
+        words = argv if argv is not None else sys.argv[1:]
+        self.meta = {
+            "command": "python -m experiments.benchmark " + " ".join(words),
+            "git_commit": git_commit(),
+            "versions": library_versions(),
+            "machine": platform.platform(),
+            "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        }
+        self.cores_text = (
+            "all" if args.cores is None else f"{args.cores} (pinned: {self.meta['cores']})"
+        )
+        self.rows: list[dict] = []
+
+    def save(self, row: dict | None = None, estimate: str = "") -> None:
         """Add a row and rewrite both files: a run cut short keeps every row it measured."""
+        from resnet_flax.bench.step_timer import markdown_table
+
         if row is not None:
             print(json.dumps(row), flush=True)
-            rows.append(row)
-        out.mkdir(parents=True, exist_ok=True)
-        data = {**meta, "preset_estimate": estimate.replace("  \n", "\n").strip() or None}
-        (out / f"{stem}.json").write_text(json.dumps({**data, "rows": rows}, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(
-            f"# Benchmark {stem}\n\nCommand: `{command}`  \nCommit: `{meta['git_commit']}`  \n"
-            f"Machine: {meta['machine']}  \nCores used: {cores_text}\n\n"
-            f"{estimate}\n{markdown_table(rows)}\n"
+            self.rows.append(row)
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = {**self.meta, "preset_estimate": estimate.replace("  \n", "\n").strip() or None}
+        (self.out / f"{self.stem}.json").write_text(
+            json.dumps({**data, "rows": self.rows}, indent=2) + "\n"
+        )
+        (self.out / f"{self.stem}.md").write_text(
+            f"# Benchmark {self.stem}\n\nCommand: `{self.meta['command']}`  \n"
+            f"Commit: `{self.meta['git_commit']}`  \n"
+            f"Machine: {self.meta['machine']}  \nCores used: {self.cores_text}\n\n"
+            f"{estimate}\n{markdown_table(self.rows)}\n"
         )
 
-    if args.input:
-        try:  # a missing dataset fails here, before any compile
-            row = input_row(
-                args.input,
-                args.data_dir,
-                args.batch_sizes[0],
-                size,
-                args.augmentation,
-                args.input_batches,
-            )
-        except DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        save(row)
+
+def measure_input(args: argparse.Namespace, size: int, files: ResultFiles) -> None:
+    """The streaming input pipeline's images/s on this host (a missing dataset fails here)."""
+    from resnet_flax.bench.step_timer import input_row
+    from resnet_flax.data.memory import DataError
+
+    try:
+        row = input_row(
+            args.input,
+            args.data_dir,
+            args.batch_sizes[0],
+            size,
+            args.augmentation,
+            args.input_batches,
+        )
+    except DataError as err:
+        raise UsageError(str(err)) from err
+    files.save(row)
+
+
+def time_cases(args: argparse.Namespace, cases: list[tuple], size: int, files: ResultFiles) -> None:
+    """Time JAX's step for every case and, with --torch, PyTorch's once per net and grouping."""
+    from resnet_flax.bench.step_timer import BenchCase, run_case
+    from resnet_flax.bench.torch_baseline import TorchStepTimer
+
     torch_done: set[tuple[str, int, int | None]] = set()
     for model, depth, batch, precision, impl, stage_loop, seeds, bn_batch in cases:
         case = BenchCase(
@@ -270,28 +302,53 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if timer is not None:
                 timer.close()
-        save({"framework": "jax", **row})
+        files.save({"framework": "jax", **row})
         if timer is not None:
-            save(timer.row())
+            files.save(timer.row())
 
+
+def preset_estimate(
+    args: argparse.Namespace, jobs: list[tuple[str, int]], iterations: int, rows: list[dict]
+) -> str:
+    """The preset's estimated wall time on this device, one line per precision."""
+    from resnet_flax.bench.step_timer import preset_estimate_h
+
+    jax_rows = [r for r in rows if r.get("framework") == "jax"]
     estimate = ""
-    if args.preset and not args.compile_only:
-        from resnet_flax.bench.step_timer import preset_estimate_h
+    for precision in args.precisions:
+        hours = preset_estimate_h(
+            [r for r in jax_rows if r["precision"] == precision], jobs, iterations
+        )
+        line = (
+            f"Estimated wall time of the {args.preset} preset on this device, {precision}: "
+            f"{hours:.2f} h ({len(jobs)} runs x {iterations} iterations, one after "
+            "another, compile included, evaluation excluded)"
+        )
+        print(line, flush=True)
+        estimate += line + "  \n"
+    return estimate
 
-        jax_rows = [r for r in rows if r.get("framework") == "jax"]
-        for precision in args.precisions:
-            hours = preset_estimate_h(
-                [r for r in jax_rows if r["precision"] == precision], jobs, preset_iterations
-            )
-            line = (
-                f"Estimated wall time of the {args.preset} preset on this device, {precision}: "
-                f"{hours:.2f} h ({len(jobs)} runs x {preset_iterations} iterations, one after "
-                "another, compile included, evaluation excluded)"
-            )
-            print(line, flush=True)
-            estimate += line + "  \n"
-    save(estimate=estimate)
-    print(f"wrote {out / stem}.json and .md")
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every requested case and write JSON and Markdown results."""
+    args = parse_args(argv)
+    size = args.image_size or (32 if args.family == "cifar" else 224)
+    try:
+        preset = apply_preset(args)
+        cases = make_cases(args)
+        set_up_backends(args, cases)
+        files = ResultFiles(args, argv)
+        if args.input:
+            measure_input(args, size, files)
+        time_cases(args, cases, size, files)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    estimate = ""
+    if preset is not None and not args.compile_only:
+        estimate = preset_estimate(args, *preset, files.rows)
+    files.save(estimate=estimate)
+    print(f"wrote {files.out / files.stem}.json and .md")
     return 0
 
 
