@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -53,7 +54,7 @@ def _kernels(blocks) -> list[jax.Array]:
     return [conv["conv"]["kernel"] for _, conv in sorted(blocks["convs"].items())]
 
 
-def gradient_norm_fn(graphdef, x: jax.Array, y: jax.Array):
+def gradient_norm_fn(graphdef, x: jax.Array, y: jax.Array) -> Callable[..., dict[str, float]]:
     """A compiled (params, batch_stats) -> {layer: gradient L2 norm} on one batch, train mode.
 
     Built once per run so the initial and the final parameters share one compilation.
