@@ -18,7 +18,7 @@ from resnet_flax.rundir import RunStatus, read_summary
 from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
 from resnet_flax.training.cpu_devices import usable_cores
 from resnet_flax.training.optim import SCHEDULES, OptimConfig
-from resnet_flax.training.state import seed_run_dirs
+from resnet_flax.training.seeds import seed_run_dirs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Files that only Hydra writes before the job starts; a directory holding nothing else is no run.

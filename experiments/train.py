@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -12,9 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-# Importing the library imports JAX but does not start its backend; that first happens in
-# jax.devices() below, after pin_gpu has set CUDA_VISIBLE_DEVICES for this worker and
-# use_cpu_devices has split the CPU into devices.
+# Importing the library imports JAX but does not start its backend; train() starts it, after
+# pin_gpu has set CUDA_VISIBLE_DEVICES for this worker and use_cpu_devices has split the CPU.
 from experiments.config import (
     compilation_cache_dir,
     completed_summary,
@@ -26,7 +26,7 @@ from experiments.config import (
 from resnet_flax.data.memory import DataError
 from resnet_flax.models.spec import SpecError
 from resnet_flax.rundir import RunStatus
-from resnet_flax.training.config import ConfigError, check_trainer
+from resnet_flax.training.config import ConfigError
 from resnet_flax.training.cpu_devices import (
     CpuDevicesError,
     cpu_device_count,
@@ -35,7 +35,8 @@ from resnet_flax.training.cpu_devices import (
     use_cpu_devices,
 )
 from resnet_flax.training.guard import JobDied, run_guarded
-from resnet_flax.training.loop import open_data, train
+from resnet_flax.training.loop import train
+from resnet_flax.training.preemption import RunInterrupted
 from resnet_flax.training.runtime import enable_compilation_cache, maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ def main(cfg: DictConfig) -> dict | None:
         if hc.mode != RunMode.MULTIRUN:
             sys.exit(1)
         return {"status": RunStatus.FAILED, "message": str(err)}
+    except RunInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        hand_on(err.signum)
     log.info(
         "%s: %s, final training error %s, test error %s",
         run_dir,
@@ -86,17 +90,24 @@ def main(cfg: DictConfig) -> dict | None:
     return summary
 
 
+def hand_on(signum: int) -> None:
+    """End the process the way the stop signal asks, now that the run is saved.
+
+    The signal goes to the handler that was there before training (submitit's requeues the
+    job; the default one ends the process by the signal); a Ctrl-C exits with status 130.
+    """
+    if signum != signal.SIGINT:
+        signal.raise_signal(signum)
+    sys.exit(128 + signum)
+
+
 def train_job(cfg: DictConfig, run_dir: Path, count: int, single_threaded: bool, parts) -> dict:
     """Set up this process's devices, then load the data and train (or resume) the run."""
     spec, data_cfg, optim, trainer, info = parts
     use_cpu_devices(count, single_threaded=single_threaded)
     enable_compilation_cache(compilation_cache_dir(cfg))
     maybe_initialize_distributed()
-    import jax  # only after pin_gpu (see the imports above)
-
-    check_trainer(trainer, jax.device_count())
-    dataset = open_data(data_cfg, trainer, info.seed)
-    return train(run_dir, spec, data_cfg, optim, trainer, info, dataset=dataset)
+    return train(run_dir, spec, data_cfg, optim, trainer, info)
 
 
 if __name__ == "__main__":

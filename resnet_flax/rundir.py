@@ -36,6 +36,7 @@ class RunStatus(StrEnum):
     """A run's status in summary.json (INCOMPLETE: no summary and no recent writes)."""
 
     RUNNING = "running"
+    INTERRUPTED = "interrupted"  # stopped on a signal after a checkpoint; a rerun resumes it
     COMPLETED = "completed"
     DIVERGED = "diverged"
     FAILED = "failed"

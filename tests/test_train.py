@@ -316,30 +316,23 @@ def test_array_eval_batches_cover_every_row_once_in_one_shape(monkeypatch):
 def test_evaluation_compiles_once_for_every_split_and_matches_a_full_forward():
     import jax
     from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from resnet_flax.data import augment as aug
     from resnet_flax.data.memory import load_dataset
-    from resnet_flax.training.evaluate import array_eval_batches, evaluate_batches
-    from resnet_flax.training.loop import prepare
+    from resnet_flax.training.loop import set_up
 
     data = load_dataset(DIGITS)
-    prep = prepare(TINY, data, DIGITS, RECIPE, QUICK, seed=0)
+    run = set_up(TINY, data, DIGITS, RECIPE, QUICK, seed=0)
     # the 360-image test set sets the batch: no batch of 1,000 mostly padding
-    assert prep.trainer.eval_batch_size == len(data.x_test) == 360
-    sharding = NamedSharding(prep.mesh, P("data"))
-    stats = (prep.on_device["mean"], prep.on_device["std"])
-    model = nnx.merge(prep.graphdef, prep.state["params"], prep.state["batch_stats"])
+    assert run.trainer.eval_batch_size == len(data.x_test) == 360
+    stats = run.source.stats
+    model = nnx.merge(run.graphdef, run.state["params"], run.state["batch_stats"])
     model.eval()
     for split in ("test", "train"):
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        batches = array_eval_batches(x, y, prep.trainer.eval_batch_size)
-        loss, error = evaluate_batches(
-            prep.fns.evaluate, prep.state, batches, len(x), sharding, 2, stats
-        )
+        loss, error = run.source.evaluate(run.program, run.state, split)
         logits = model(aug.normalize(jax.numpy.asarray(x), *stats))
         assert float(error) == pytest.approx(float(np.mean(np.argmax(logits, -1) != y)), abs=1e-6)
         want = float(np.mean(jax.nn.logsumexp(logits, -1) - logits[np.arange(len(y)), y]))
         assert float(loss) == pytest.approx(want, rel=1e-4)
-    assert prep.fns.evaluate._cache_size() == 1
+    assert run.program.evaluate._cache_size() == 1

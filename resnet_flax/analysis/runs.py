@@ -33,7 +33,7 @@ SKIP_DIRS = {"figures", "checkpoints", "__pycache__", "tensorboard"}
 RUNNING_WINDOW_S = 15 * 60
 # Statuses whose final values are trustworthy; the others are counted but not averaged.
 FINISHED = RunStatus.COMPLETED
-PARTIAL_STATUSES = (RunStatus.RUNNING, RunStatus.INCOMPLETE)
+PARTIAL_STATUSES = (RunStatus.RUNNING, RunStatus.INTERRUPTED, RunStatus.INCOMPLETE)
 
 IDENTITY_FIELDS = ("experiment", "model", "depth", "shortcut", "family", "dataset", "seed")
 SUMMARY_FIELDS = (

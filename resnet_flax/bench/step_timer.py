@@ -16,8 +16,7 @@ from resnet_flax.data.config import DataConfig, StreamConfig
 from resnet_flax.data.memory import Dataset
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.config import TrainerConfig
-from resnet_flax.training.evaluate import array_eval_batches
-from resnet_flax.training.loop import prepare
+from resnet_flax.training.loop import set_up
 from resnet_flax.training.optim import OptimConfig
 
 PAPER_ITERATIONS = 64_000
@@ -106,24 +105,23 @@ def run_case(
         eval_batch_size=case.batch_size,
         step_loop=case.step_loop,
     )
-    prep = prepare(spec, data, data_cfg, OptimConfig(), trainer, seed=0, num_seeds=case.vmap_seeds)
-    t0 = time.perf_counter()
-    chunk = prep.fns.compile_chunk(steps, prep.state, prep.train_data)
-    compile_s = time.perf_counter() - t0
-    state = prep.state
+    trainer = dataclasses.replace(trainer, vmap_seeds=case.vmap_seeds)
+    run = set_up(spec, data, data_cfg, OptimConfig(), trainer, seed=0)
+    source, state = run.source, run.state
+    chunk = run.program.compiled_repeat(state, source.train_data, steps)
     base = {
         **dataclasses.asdict(case),
         "device_kind": jax.devices()[0].device_kind,
         "device_count": len(jax.devices()),
-        "params": prep.param_count,
-        "compile_s": compile_s,
+        "params": run.param_count,
+        "compile_s": run.program.compile_s,
     }
     if compile_only:
         return {**base, **peak_memory_bytes()}
 
     def train_once():
         nonlocal state
-        state, metrics = chunk(state, prep.train_data)
+        state, metrics = chunk(state, source.train_data)
         return metrics
 
     train_once()  # first call pays allocation and autotuning
@@ -134,8 +132,7 @@ def run_case(
             after_round()
 
     def evaluate():
-        batches = array_eval_batches(data.x_test, data.y_test, prep.trainer.eval_batch_size)
-        return prep.evaluate(state, batches, len(data.x_test))
+        return source.evaluate(run.program, state, "test")
 
     evaluate()
     eval_times = _timed(evaluate, repeats)

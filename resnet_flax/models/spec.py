@@ -199,3 +199,14 @@ def resolve(spec: ModelSpec) -> Architecture:
         for i, (c, w) in enumerate(zip(counts, IMAGENET_WIDTHS, strict=True))
     )
     return Architecture(spec, block, IMAGENET_WIDTHS[0], stages)
+
+
+def complete_spec(
+    spec: ModelSpec, num_classes: int, in_channels: int, batch_size: int | None = None
+) -> ModelSpec:
+    """The spec with the dataset's classes and channels, checked (and against the batch)."""
+    spec = dataclasses.replace(spec, num_classes=num_classes, in_channels=in_channels)
+    resolve(spec)
+    if batch_size is not None:
+        check_bn_batch(spec.bn_batch, batch_size)
+    return spec

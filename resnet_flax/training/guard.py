@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from resnet_flax.rundir import mark_unfinished_failed
+from resnet_flax.training.preemption import forward_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ def run_guarded(job: Callable[[], T], run_dir: Path) -> T:
     child.start()
     sender.close()
     try:
-        outcome = receiver.recv()
+        with forward_stop_signals(child.pid):
+            outcome = receiver.recv()
     except EOFError:
         outcome = None
     finally:
@@ -67,6 +70,8 @@ def run_guarded(job: Callable[[], T], run_dir: Path) -> T:
 
 def _serve(job: Callable[[], object], sender) -> None:
     """The child's side: run the job and send ('ok', result) or ('raised', exception)."""
+    # Out of the terminal's process group: a Ctrl-C reaches the child once, through the parent.
+    os.setpgid(0, 0)
     try:
         outcome = ("ok", job())
     except BaseException as err:  # handed to the parent, which re-raises it

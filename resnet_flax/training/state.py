@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -56,10 +54,3 @@ def seed_state(state: dict, index: int) -> dict:
         k: v if SEED_AXES[k] is None else jax.tree.map(lambda a: a[index], v)
         for k, v in state.items()
     }
-
-
-def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
-    """Where each seed writes: run_dir itself, or run_dir/seed_<s> when seeds train together."""
-    if len(seeds) == 1:
-        return [Path(run_dir)]
-    return [Path(run_dir) / f"seed_{s}" for s in seeds]

@@ -1,0 +1,286 @@
+"""The seed group: the seeds one program trains, with their run directories, records and status.
+
+One seed trains into the run directory itself; k > 1 seeds (TrainerConfig.vmap_seeds) train
+as one vmapped program, each into run_dir/seed_<s>, and each stops on its own when it
+diverges. The loop talks to the group the same way in both cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_flax.models.counts import count_params
+from resnet_flax.models.spec import ModelSpec
+from resnet_flax.rundir import (
+    RUN_CONFIG_FILE,
+    SEED_GROUP_MARKER,
+    RunRecorder,
+    RunStatus,
+    read_summary,
+    write_json,
+)
+from resnet_flax.training.checkpoints import Checkpointer, abstract_like, restore_common
+from resnet_flax.training.config import RunInfo
+from resnet_flax.training.state import SEED_AXES, initial_state, seed_state, stack_seeds
+
+log = logging.getLogger(__name__)
+
+
+def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
+    """Where each seed writes: run_dir itself, or run_dir/seed_<s> when seeds train together."""
+    if len(seeds) == 1:
+        return [Path(run_dir)]
+    return [Path(run_dir) / f"seed_{s}" for s in seeds]
+
+
+@dataclass
+class SeedRun:
+    """The records of one seed's run directory while it trains."""
+
+    info: RunInfo
+    run_dir: Path
+    recorder: RunRecorder
+    checkpointer: Checkpointer
+    base_summary: dict
+    wall_before: float
+    status: RunStatus = RunStatus.RUNNING
+    message: str | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether this seed still trains."""
+        return self.status == RunStatus.RUNNING
+
+    def write_status(self, iteration: int, **fields) -> None:
+        """Rewrite summary.json with the current status and the given fields."""
+        status = {"status": self.status, "iterations": iteration, "message": self.message}
+        self.recorder.write_summary({**self.base_summary, **status, **fields})
+
+
+class SeedGroup:
+    """Seeds first_seed .. first_seed+count-1 trained as one program (one seed: no stacking)."""
+
+    def __init__(self, first_seed: int, count: int):
+        self.seeds = [first_seed + k for k in range(count)]
+        self.stacked = count > 1
+        self.runs: list[SeedRun] = []
+        self.saved_at: int | None = None  # the iteration of the last checkpoint
+
+    # --- the state and the compiled functions ------------------------------------------------
+    def initial_state(self, spec: ModelSpec, tx, order_len: int, mesh: Mesh) -> tuple:
+        """(graphdef, replicated state of every seed, parameters of one network)."""
+        states = []
+        for seed in self.seeds:
+            graphdef, state = initial_state(spec, seed, tx, order_len)
+            states.append(state)
+        first = states[0]
+        params = count_params(nnx.merge(graphdef, first["params"], first["batch_stats"]))
+        return graphdef, self.replicate(self.stack(states), mesh), params
+
+    def stack(self, states: list[dict]) -> dict:
+        """The program's state from per-seed states."""
+        return stack_seeds(states) if self.stacked else states[0]
+
+    def unstack(self, state: dict) -> list[dict]:
+        """Per-seed states of the program's state."""
+        return [seed_state(state, k) for k in range(len(self.seeds))] if self.stacked else [state]
+
+    @staticmethod
+    def replicate(state: dict, mesh: Mesh) -> dict:
+        """The state copied to every device of the mesh."""
+        return jax.device_put(state, NamedSharding(mesh, P()))
+
+    def vmap_step(self, step: Callable) -> Callable:
+        """The step over every seed at once: data shared, everything else per seed."""
+        if not self.stacked:
+            return step
+        # The step count is shared, so the epoch-start cond stays a cond (not a select).
+        return jax.vmap(step, in_axes=(SEED_AXES, None), out_axes=(SEED_AXES, 0))
+
+    def vmap_eval(self, evaluate: Callable) -> Callable:
+        """eval_sums over every seed's parameters and statistics, the batch shared."""
+        return jax.vmap(evaluate, in_axes=(0, 0) + (None,) * 5) if self.stacked else evaluate
+
+    def per_seed(self, value) -> list[np.ndarray]:
+        """A metric or evaluation result split into one value per seed (seed axis last)."""
+        value = np.asarray(value)
+        return [value[..., k] for k in range(len(self.seeds))] if self.stacked else [value]
+
+    # --- the records ----------------------------------------------------------------------
+    def restore(self, run_dir: Path, state: dict, keep: int, mesh: Mesh) -> tuple[int, dict]:
+        """(iteration, state) of the newest checkpoint every seed has; (0, state) if none."""
+        dirs = seed_run_dirs(run_dir, self.seeds)
+        self._checkpointers = [Checkpointer(d / "checkpoints", keep=keep) for d in dirs]
+        restored = restore_common(self._checkpointers, abstract_like(self.unstack(state)[0]))
+        if restored is None:
+            return 0, state
+        start, states = restored
+        self.saved_at = start
+        log.info("resuming %s from iteration %d", run_dir, start)
+        return start, self.replicate(self.stack(states), mesh)
+
+    def open_records(self, run_dir: Path, start: int, info: RunInfo, fields: dict,
+                     run_config: dict, writer: bool) -> None:  # fmt: skip
+        """Start each seed's records at `start`; one process (`writer`) writes the files."""
+        dirs = seed_run_dirs(run_dir, self.seeds)
+        if self.stacked and writer:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker = {"seeds": self.seeds, "run_dirs": [d.name for d in dirs]}
+            write_json(run_dir / SEED_GROUP_MARKER, marker)
+        for seed, d, ckpt in zip(self.seeds, dirs, self._checkpointers, strict=True):
+            seed_info = dataclasses.replace(info, seed=seed)
+            recorder = RunRecorder(d, resume_from=start, write=writer)
+            if writer:
+                config = {**run_config, "info": dataclasses.asdict(seed_info)}
+                write_json(d / RUN_CONFIG_FILE, config)
+            previous = read_summary(d)
+            wall_before = previous.get("wall_time_s", 0.0) if start > 0 else 0.0
+            run = SeedRun(seed_info, d, recorder, ckpt, {**fields, "seed": seed}, wall_before)
+            run.write_status(start)
+            self.runs.append(run)
+
+    @property
+    def running(self) -> bool:
+        """Whether any seed still trains."""
+        return any(run.running for run in self.runs)
+
+    def log_train(self, line: dict, metrics: dict, iteration: int) -> dict | None:
+        """Log each running seed's chunk; stop a seed whose loss is not finite.
+
+        Returns the line of the first seed still running (for the progress bar).
+        """
+        shown = None
+        per_seed = {name: self.per_seed(metrics[name]) for name in ("loss", "error", "lr")}
+        for k, run in enumerate(self.runs):
+            if not run.running:
+                continue
+            losses = np.asarray(per_seed["loss"][k], dtype=np.float64)
+            seed_line = {
+                **line,
+                "lr": float(per_seed["lr"][k][-1]),
+                "train_loss": float(losses.mean()),
+                "train_error": float(np.mean(per_seed["error"][k])),
+            }
+            run.recorder.log(seed_line)
+            shown = shown or seed_line
+            if not np.all(np.isfinite(losses)):
+                first_bad = iteration - len(losses) + int(np.argmax(~np.isfinite(losses))) + 1
+                run.status = RunStatus.DIVERGED
+                run.message = (
+                    f"non-finite training loss at iteration {first_bad}; "
+                    "lower optim.lr or use a warm-up (optim.warmup_lr)"
+                )
+                log.error("%s: %s", run.run_dir, run.message)
+        return shown
+
+    def log_eval(self, line: dict, results: dict[str, tuple]) -> None:
+        """Log each running seed's {split: (loss, error)} evaluation results."""
+        split_seeds = {
+            split: (self.per_seed(loss), self.per_seed(error))
+            for split, (loss, error) in results.items()
+        }
+        for k, run in enumerate(self.runs):
+            if not run.running:
+                continue
+            out = dict(line)
+            for split, (loss, error) in split_seeds.items():
+                out[f"{split}_loss"], out[f"{split}_error"] = float(loss[k]), float(error[k])
+            run.recorder.log(out)
+
+    def save(self, iteration: int, state: dict) -> None:
+        """Checkpoint every seed still running (once per iteration)."""
+        if iteration == self.saved_at:
+            return
+        for run, seed_state_ in zip(self.runs, self.unstack(state), strict=True):
+            if run.running:
+                run.checkpointer.save(iteration, seed_state_)
+        self.saved_at = iteration
+
+    def interrupt(self, iteration: int, state: dict, signum: int, steps_per_epoch: int) -> None:
+        """Checkpoint the running seeds at `iteration` and record them as interrupted."""
+        self.save(iteration, state)
+        name = signal.Signals(signum).name
+        for run in self.runs:
+            if run.running:
+                run.status = RunStatus.INTERRUPTED
+                run.message = f"stopped by {name} at iteration {iteration}; rerun to resume"
+                partial = final_numbers(run.recorder.history, steps_per_epoch, iteration)
+                run.write_status(iteration, **partial)
+
+    def fail(self, err: BaseException, iteration: int) -> None:
+        """Record every seed as failed with the exception that stopped the program.
+
+        A KeyboardInterrupt (a second Ctrl-C) leaves the seeds interrupted: their newest
+        checkpoint is intact and a rerun resumes from it.
+        """
+        if isinstance(err, KeyboardInterrupt):
+            status, message = RunStatus.INTERRUPTED, "stopped at once by a second Ctrl-C"
+        else:
+            status, message = RunStatus.FAILED, f"{type(err).__name__}: {err}"
+        for run in self.runs:
+            run.status, run.message = status, message
+            run.write_status(iteration)
+
+    def close_checkpoints(self) -> None:
+        """Finish pending checkpoint writes."""
+        for checkpointer in self._checkpointers:
+            checkpointer.close()
+
+    def finish(self, iteration: int, steps_per_epoch: int, final: dict, timing: dict) -> dict:
+        """Write every seed's final summary.json; one seed's summary, or the group's.
+
+        `final` holds {split: (loss, error)} of the whole-split evaluations of a completed
+        run; `timing` the program's compile and throughput figures, plus `wall_s`.
+        """
+        final_seeds = {
+            s: (self.per_seed(loss), self.per_seed(err)) for s, (loss, err) in final.items()
+        }
+        summaries = []
+        for k, run in enumerate(self.runs):
+            if run.running:
+                run.status = RunStatus.COMPLETED
+            summary = {**run.base_summary, "status": run.status, "message": run.message}
+            summary.update(final_numbers(run.recorder.history, steps_per_epoch, iteration))
+            if run.status == RunStatus.COMPLETED:
+                for split, (loss, err) in final_seeds.items():
+                    summary[f"final_{split}_loss"] = float(loss[k])
+                    summary[f"final_{split}_error"] = float(err[k])
+            summary["compile_time_s"] = timing["compile_time_s"]
+            summary["wall_time_s"] = run.wall_before + timing["wall_s"]
+            # Per run: a program training k seeds delivers k times these images per second.
+            summary["images_per_sec"] = timing["images_per_sec"]
+            summary["input_wait_fraction"] = timing["input_wait_fraction"]
+            run.recorder.write_summary(summary)
+            run.recorder.close()
+            summaries.append(summary)
+        if not self.stacked:
+            return summaries[0]
+        done = all(s["status"] == RunStatus.COMPLETED for s in summaries)
+        status = RunStatus.COMPLETED if done else RunStatus.DIVERGED
+        return {"status": status, "seeds": self.seeds, "runs": summaries}
+
+
+def final_numbers(history: list[dict], steps_per_epoch: int, iteration: int) -> dict:
+    """Final and best test (and validation) numbers from the metric lines."""
+    evals = [m for m in history if m.get("test_error") is not None]
+    out = {"iterations": iteration, "epochs": iteration / steps_per_epoch}
+    if evals:
+        out["final_test_error"] = evals[-1]["test_error"]
+        out["final_test_loss"] = evals[-1]["test_loss"]
+        out["best_test_error"] = min(m["test_error"] for m in evals)
+        out["final_val_error"] = evals[-1].get("val_error")
+    trains = [m for m in history if m.get("train_error") is not None]
+    if trains:
+        out["final_running_train_error"] = trains[-1]["train_error"]
+    return out
