@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 # Huge pages for malloc, so glibc keeps XLA:CPU's per-step buffers instead of faulting them in
 # again every step (docs/performance.md); a glibc without the tunable ignores it.
@@ -13,35 +14,40 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# The demo needs the project alone; tests and benchmarks add the [dev] extra (TFDS, pytest, ruff).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(DEV_STAMP)
 
 venv: $(STAMP)  ## Create .venv and install the project (done by demo and test when missing)
 
 demo: $(STAMP)  ## Run the default digits degradation sweep and draw its figures and report
 	$(PY) -m experiments.demo
 
-test: $(STAMP)  ## Lint and run the fast tests
+test: $(DEV_STAMP)  ## Lint and run the fast tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -m "not slow" -q
 
-test-all: $(STAMP)  ## Lint and run every test, the slow ones too
+test-all: $(DEV_STAMP)  ## Lint and run every test, the slow ones too
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)  ## CPU/GPU benchmark of plain and residual 20/56/110 (+ PyTorch if installed, rounds alternating)
+bench: $(DEV_STAMP)  ## CPU/GPU benchmark of plain and residual 20/56/110 (+ PyTorch if installed, rounds alternating)
 	$(PY) -m experiments.benchmark --models plain residual --depths 20 56 110 --repeats 1 --rounds 3 \
 		$(if $(shell $(PY) -c "import torch" 2>/dev/null && echo y),--torch) --name plain_residual_20_56_110
 
-lint: $(STAMP)  ## ruff check and format check
+lint: $(DEV_STAMP)  ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(STAMP)  ## ruff format and autofix
+format: $(DEV_STAMP)  ## ruff format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 

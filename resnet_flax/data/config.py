@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Any
 
 TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
@@ -111,4 +112,19 @@ def _check_keys(node: str, fields: Mapping[str, Any], valid: set[str]) -> None:
     if unknown:
         raise DataError(
             f"unknown {node} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+        )
+
+
+# The optional dependencies that read TFDS datasets (everything but digits and npz).
+TFDS_EXTRA = "tfds"
+
+
+def require_tfds(dataset: str) -> None:
+    """Raise one DataError naming the extra when TensorFlow Datasets is not installed."""
+    missing = [m for m in ("tensorflow_datasets", "tensorflow") if find_spec(m) is None]
+    if missing:
+        raise DataError(
+            f"dataset {dataset!r} is read with TensorFlow Datasets, and {', '.join(missing)} "
+            f"is not installed: pip install 'resnet-flax[{TFDS_EXTRA}]' (`make test` installs "
+            "it); digits and npz need neither"
         )

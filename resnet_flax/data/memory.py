@@ -19,6 +19,7 @@ from resnet_flax.data.config import (
     STREAMING_DATASETS,
     DataConfig,
     DataError,
+    require_tfds,
 )
 
 # The validation split is always drawn with this seed, so every run of a sweep sees the same one.
@@ -66,6 +67,7 @@ def _read_tfds_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
     """Load a prepared TFDS image dataset; fail in seconds with a fix when it is not prepared."""
+    require_tfds(name)
     import tensorflow_datasets as tfds
 
     data_dir = default_data_dir(data_dir)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_flax.data.config import STREAMING_DATASETS, DataConfig, DataError
+from resnet_flax.data.config import STREAMING_DATASETS, DataConfig, DataError, require_tfds
 from resnet_flax.data.memory import default_data_dir
 from resnet_flax.data.stream_ops import eval_view, train_view
 from resnet_flax.data.stream_source import (
@@ -266,6 +266,7 @@ def open_stream(
 ) -> Stream:
     """Open this host's stream of a prepared TFDS dataset; fail in seconds when it is missing."""
     validate_stream_config(cfg)
+    require_tfds(cfg.name)
     if process_index is None or process_count is None:
         import jax
 
