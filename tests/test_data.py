@@ -253,3 +253,36 @@ def test_flips_happen_on_about_half_the_images():
 def test_augment_off_is_identity():
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
     np.testing.assert_array_equal(aug.augment(jax.random.key(2), x, 0, False), x)
+
+
+# Runs experiments.train in a Python where TensorFlow and TFDS are not installed (a None entry
+# in sys.modules makes both `import` and importlib.util.find_spec see no module).
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+
+sys.modules.update(tensorflow=None, tensorflow_datasets=None)
+sys.argv = ["experiments.train", *sys.argv[1:]]
+runpy.run_module("experiments.train", run_name="__main__")
+"""
+
+
+def test_digits_train_without_tensorflow_and_tfds_sets_name_the_extra(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", WITHOUT_TENSORFLOW, *args, "trainer.progress=false"]
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+
+    tiny = ["depth=8", "trainer.iterations=2", "trainer.log_every=2", "trainer.eval_every=2"]
+    done = train(
+        "dataset=digits", *tiny, "trainer.checkpoint_every=2", f"hydra.run.dir={tmp_path / 'd'}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"status": "completed"' in (tmp_path / "d" / "summary.json").read_text()
+    refused = train("dataset=cifar10", f"hydra.run.dir={tmp_path / 'c'}")
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
+    assert "pip install 'resnet-flax[tfds]'" in errors[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.util import find_spec
 from typing import Any
 
 TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
@@ -120,11 +119,13 @@ TFDS_EXTRA = "tfds"
 
 
 def require_tfds(dataset: str) -> None:
-    """Raise one DataError naming the extra when TensorFlow Datasets is not installed."""
-    missing = [m for m in ("tensorflow_datasets", "tensorflow") if find_spec(m) is None]
-    if missing:
+    """Raise one DataError naming the extra when TensorFlow Datasets cannot be imported."""
+    try:
+        import tensorflow  # noqa: F401
+        import tensorflow_datasets  # noqa: F401
+    except ImportError as err:
         raise DataError(
-            f"dataset {dataset!r} is read with TensorFlow Datasets, and {', '.join(missing)} "
-            f"is not installed: pip install 'resnet-flax[{TFDS_EXTRA}]' (`make test` installs "
-            "it); digits and npz need neither"
-        )
+            f"dataset {dataset!r} is read with TensorFlow Datasets, which is not installed "
+            f"({err.name}): pip install 'resnet-flax[{TFDS_EXTRA}]' (`make test` installs it); "
+            "digits and npz need neither"
+        ) from err
