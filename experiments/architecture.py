@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 
 def architecture_fields(cfg: DictConfig) -> dict:
-    """ModelSpec's architecture fields (model, depth, family, shortcut, block) from a config."""
+    """ModelSpec's architecture fields (the network's shape and conventions) from a config."""
     return {
         "model": cfg.model,
         "depth": cfg.depth,
@@ -14,4 +14,7 @@ def architecture_fields(cfg: DictConfig) -> dict:
         # YAML reads a bare A/B/C as a string, but be safe with odd overrides.
         "shortcut": str(cfg.shortcut),
         "block": cfg.block,
+        "bottleneck_stride": str(cfg.bottleneck_stride),
+        "strided_padding": cfg.strided_padding,
+        "preact_first_shortcut": cfg.preact_first_shortcut,
     }
