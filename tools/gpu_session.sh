@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one run: ~6-8 minutes on an H100. Test it on CPU first with SMOKE=1 (tiny).
-#   bash tools/gpu_bench.sh              # on the GPU machine, from the repository root
+# Every GPU benchmark and the accelerator-path tests in one run: ~6-8 minutes on an H100.
+# Test it on CPU first with SMOKE=1 (tiny).
+#   bash tools/gpu_session.sh              # on the GPU machine, from the repository root
 # Writes results/benchmarks/<gpu name>/gpu_*.{json,md}; every file is rewritten after each
 # measured row, so a run cut short by its time limit keeps what it measured.
 # Needs jax, flax, optax, orbax and pandas; the fig6 estimate (--preset) also needs hydra-core
@@ -14,6 +15,10 @@ else
   DEPTHS="20 56 110"; FIG6=1; STEPS="--steps 100 --repeats 3"; SEEDS="1 4 16"; EXTRA=""
 fi
 "$PY" -c "import jax; print(jax.devices())"
+# The accelerator path through the real loop: scanned stages and steps, bfloat16, seed groups.
+if "$PY" -c "import pytest" 2>/dev/null; then
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_modes.py
+fi
 # ResNet-20/56/110 and the plain nets, fp32 and bf16: step time, CIFAR-10 epoch seconds
 # (target: ResNet-56 bf16 <= 0.5 s on an H100), compile time, peak memory.
 "$PY" -m experiments.benchmark --models plain residual --depths $DEPTHS \
