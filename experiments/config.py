@@ -119,7 +119,12 @@ def to_library(
         )
     trainer = TrainerConfig(**_container(cfg.trainer))
     check_bn_batch(spec.bn_batch, trainer.batch_size)
-    info = RunInfo(experiment=str(cfg.experiment_name), seed=int(cfg.seed))
+    init_from = cfg.get("init_from")
+    info = RunInfo(
+        experiment=str(cfg.experiment_name),
+        seed=int(cfg.seed),
+        init_from=None if init_from is None else str(init_from),
+    )
     return spec, data_cfg, optim, trainer, info
 
 

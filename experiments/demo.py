@@ -115,8 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def publish(sweep_dir: Path, target: Path, argv: Sequence[str] | None, sweep_s, total_s) -> None:
-    """Copy the figures and report to a curated folder, with the command and commit."""
+def publish(
+    sweep_dir: Path,
+    target: Path,
+    argv: Sequence[str] | None,
+    sweep_s: float,
+    total_s: float,
+    command: str = "experiments.demo",
+    table: str | None = None,
+) -> None:
+    """Copy the figures and report to a curated folder, with the command and commit.
+
+    `table`: the final numbers to quote (default: error_table of the sweep).
+    """
     from resnet_flax.rundir import git_commit
 
     # Before the copies below: they change tracked files, which would mark the commit dirty.
@@ -131,13 +142,13 @@ def publish(sweep_dir: Path, target: Path, argv: Sequence[str] | None, sweep_s, 
     args = " ".join(argv if argv is not None else sys.argv[1:])
     (target / "PROVENANCE.md").write_text(
         "# How these files were made\n\n"
-        f"Command: `python -m experiments.demo {args}`  \n"
+        f"Command: `python -m {command} {args}`  \n"
         f"Commit: `{commit}`  \n"
         f"Sweep directory (not in git): `{sweep_dir}`  \n"
         f"Sweep wall time: {sweep_s:.0f} s; total with analysis and plots: {total_s:.0f} s "
         "(2 CPU cores)\n\n"
         "Final errors (training error in eval mode on the whole training set):\n\n"
-        f"```\n{error_table(sweep_dir)}\n```\n"
+        f"```\n{error_table(sweep_dir) if table is None else table}\n```\n"
     )
     print(f"published to {target}")
 

@@ -36,6 +36,9 @@ class RunInfo:
 
     experiment: str = "default"
     seed: int = 0
+    # A trained run directory of a shallower net: this run starts from that net with identity
+    # blocks added (He et al. 2015's construction, resnet_flax.models.construct).
+    init_from: str | None = None
 
 
 class ConfigError(ValueError):

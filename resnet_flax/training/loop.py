@@ -19,6 +19,7 @@ from resnet_flax.data.stream import Stream
 from resnet_flax.models.spec import ModelSpec, complete_spec
 from resnet_flax.rundir import RunStatus, git_commit, library_versions
 from resnet_flax.training.config import RunInfo, TrainerConfig, check_trainer, resolve_loop
+from resnet_flax.training.construction import SourceRun, check_source, start_state
 from resnet_flax.training.optim import OptimConfig, make_optimizer, make_schedule
 from resnet_flax.training.preemption import RunInterrupted, StopRequests
 from resnet_flax.training.runtime import make_mesh
@@ -42,6 +43,7 @@ class Setup:
     program: Program
     state: dict
     param_count: int
+    origin: SourceRun | None = None  # the trained run a constructed net starts from
 
 
 def set_up(
@@ -51,16 +53,19 @@ def set_up(
     optim: OptimConfig,
     trainer: TrainerConfig,
     seed: int = 0,
+    init_from: str | None = None,
 ) -> Setup:
     """Check everything, build the initial state(s) and the program, put the data on device.
 
     trainer.vmap_seeds = k > 1 stacks seeds seed .. seed+k-1 into one state and program.
+    init_from: a trained run directory the net is constructed from (training.construction).
     Every check runs here, before anything compiles.
     """
     mesh = make_mesh()
     check_trainer(trainer, mesh.size)
     source = make_source(data, data_cfg, trainer, mesh)
     spec = complete_spec(spec, source.num_classes, source.image_shape[-1], trainer.batch_size)
+    origin = check_source(init_from, spec, data_cfg, trainer) if init_from else None
     trainer = dataclasses.replace(trainer, eval_batch_size=source.eval_batch_size)
     group = SeedGroup(seed, trainer.vmap_seeds)
     tx = make_optimizer(optim)
@@ -69,7 +74,7 @@ def set_up(
     step = group.vmap_step(source.train_step(recipe))
     evaluate = group.vmap_eval(functools.partial(eval_sums, graphdef))
     program = Program(step, evaluate, resolve_loop(trainer.step_loop))
-    return Setup(spec, trainer, mesh, source, group, graphdef, program, state, param_count)
+    return Setup(spec, trainer, mesh, source, group, graphdef, program, state, param_count, origin)
 
 
 def train(
@@ -92,14 +97,16 @@ def train(
     """
     run_dir = Path(run_dir)
     data = dataset if dataset is not None else open_data(data_cfg, trainer, info.seed)
-    run = set_up(spec, data, data_cfg, optim, trainer, info.seed)
+    run = set_up(spec, data, data_cfg, optim, trainer, info.seed, info.init_from)
     trainer, source, group, program = run.trainer, run.source, run.group, run.program
     warn_if_vmapped_on_cpu(group)
     start, state = group.restore(run_dir, run.state, trainer.keep_checkpoints, run.mesh)
+    state, origin_fields = start_state(run, run_dir, start, state)  # init_from: constructed
     parts = {"model": run.spec, "data": data_cfg, "optim": optim, "trainer": trainer}
     config = {name: dataclasses.asdict(part) for name, part in parts.items()}
     writer = jax.process_index() == 0  # one process of a multi-host job writes the records
-    group.open_records(run_dir, start, info, run_fields(run, info), config, writer)
+    fields = {**run_fields(run, info), **origin_fields}
+    group.open_records(run_dir, start, info, fields, config, writer)
     source.start(start)
     bar = progress_bar(run, start)
     t_start, train_s, iteration, stopped = time.perf_counter(), 0.0, start, None
