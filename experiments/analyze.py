@@ -14,6 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("paths", nargs="+", help="run directories or sweep directories")
     p.add_argument("--grad-batch", type=int, default=256)
+    p.add_argument(
+        "--allow-older-checkpoint",
+        action="store_true",
+        help="analyse the newest checkpoint that restores even when it is older than the "
+        "run's final iteration in summary.json (by default such a run is skipped)",
+    )
     args = p.parse_args(argv)
     from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
 
@@ -28,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for run in runs:
         try:
-            result = analyze_run(run, args.grad_batch)
+            result = analyze_run(run, args.grad_batch, args.allow_older_checkpoint)
         except AnalysisError as err:
             print(f"skip {run}: {err}", file=sys.stderr)
             failures += 1
             continue
-        layers, at = len(result["layers"]), result["iteration"]
-        print(f"{run}/analysis.json: {layers} layers at iteration {at}")
+        layers, at = len(result["layers"]), result["checkpoint_step"]
+        print(f"{run}/analysis.json: {layers} layers of the checkpoint at iteration {at}")
     print("draw the figures with: python -m experiments.plot " + " ".join(args.paths))
     return 1 if failures == len(runs) else 0
 

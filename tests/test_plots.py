@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -127,3 +128,26 @@ def test_cli_no_runs(tmp_path: Path, capsys) -> None:
 def test_only_broken_runs_do_not_crash(tmp_path: Path, status: str) -> None:
     write_run(tmp_path, "plain", 20, 0, status=status)
     make_all_figures(_load(tmp_path), tmp_path / "figs")
+
+
+def test_diverged_run_curve_is_marked_not_averaged(tmp_path: Path, monkeypatch) -> None:
+    from resnet_flax.analysis import plots
+
+    for seed in (0, 1):
+        write_run(tmp_path, "plain", 20, seed, final_train=0.05)
+    write_run(tmp_path, "plain", 20, 7, final_train=0.9, status="diverged", iterations=500)
+    figures = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, _, name: figures.update({name: fig}))
+    make_all_figures(_load(tmp_path), tmp_path / "figs")
+    for name in ("fig1_plain", "fig6_panels"):
+        lines = {line.get_label(): line for line in figures[name].axes[0].get_lines()}
+        marked = lines["plain-20 seed 7 (diverged)"]
+        x, _ = marked.get_data()
+        assert marked.get_marker() == "x" and marked.get_markevery() == [len(x) - 1], name
+        assert x[-1] == 500, name  # the curve ends where the run stopped
+    # fig1's left panel: training error; the seed mean of plain-20 holds seeds 0 and 1 only
+    lines = {line.get_label(): line for line in figures["fig1_plain"].axes[0].get_lines()}
+    assert lines["plain-20 seed 7 (diverged)"].get_data()[1][-1] > 0.5
+    x, y = lines["plain-20"].get_data()
+    seed_mean = 0.05 + 0.85 * math.exp(-1000 / 200) + 0.001  # test_runs._curve, seeds 0 and 1
+    assert x[-1] == 1000 and y[-1] == pytest.approx(seed_mean)

@@ -148,3 +148,18 @@ def test_imagenet_report_puts_table_2_beside_ours(tmp_path: Path) -> None:
         assert published in text
     assert "centre-crop error on the validation split" in text
     assert report.verdicts["imagenet2012"].plain_degrades
+
+
+def test_diverged_run_is_named_and_left_out_of_the_verdict(tmp_path: Path) -> None:
+    for model, deep in (("plain", 0.20), ("residual", 0.03)):
+        for seed in (0, 1):
+            write_run(tmp_path, model, 20, seed, final_train=0.05)
+            write_run(tmp_path, model, 56, seed, final_train=deep)
+    # Its metrics end near 90% training error: averaged in, plain-20 would look worse than 56.
+    write_run(tmp_path, "plain", 20, 7, final_train=0.9, status="diverged", iterations=500)
+    report = write_report(_load(tmp_path), tmp_path / "r.md")
+    assert "| plain | 20 | 7 | diverged | 500 | loss is NaN |" in report.text
+    assert "2 completed, 1 diverged" in report.text
+    verdict = report.verdicts["cifar10"]
+    assert verdict.plain_degrades and verdict.residual_avoids
+    assert "5.00% (depth 20)" in verdict.text  # seeds 0 and 1 only

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from resnet_flax.data.config import StreamConfig
-from resnet_flax.data.memory import DataConfig
+from resnet_flax.data.memory import DataConfig, load_dataset
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.rundir import read_metrics
+from resnet_flax.training.checkpoints import Checkpointer, abstract_like
 from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig, check_trainer
-from resnet_flax.training.loop import train
+from resnet_flax.training.loop import set_up, train
 from resnet_flax.training.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,9 @@ def test_bad_intervals_fail_before_compiling():
 
 WORKER = textwrap.dedent(
     """
-    import json, sys
+    import json, logging, sys
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("resnet_flax").setLevel(logging.INFO)  # "resuming ... from iteration N"
     from resnet_flax.models.spec import ModelSpec
     from resnet_flax.data.memory import DataConfig
     from resnet_flax.training.optim import OptimConfig
@@ -137,10 +140,14 @@ def _worker(run_dir: Path, iterations: int, batch: int = 32, env: dict | None = 
     )
 
 
-def _finish(proc) -> dict:
+def _finish_with_log(proc) -> tuple[dict, str]:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.split("SUMMARY", 1)[1])
+    return json.loads(out.split("SUMMARY", 1)[1]), err
+
+
+def _finish(proc) -> dict:
+    return _finish_with_log(proc)[0]
 
 
 def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
@@ -154,8 +161,13 @@ def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    at_kill = json.loads((killed / "summary.json").read_text())
+    assert at_kill["status"] == "running" and at_kill["iterations"] < 40  # killed, not finished
+    saved = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     expected = _finish(reference)
-    resumed = _finish(_worker(killed, 40))
+    resumed, log = _finish_with_log(_worker(killed, 40))
+    assert f"resuming {killed} from iteration {saved}" in log
     assert resumed["iterations"] == 40
     for key in ("train_loss", "train_error", "test_error", "test_loss"):
         assert _curve(killed, key) == _curve(whole, key), key
@@ -172,14 +184,76 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     for f in (newest / "default").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"")
-    longer = TrainerConfig(**{**QUICK.__dict__, "iterations": 30})
-    with caplog.at_level("WARNING"):
-        summary = train(run, TINY, DIGITS, RECIPE, longer, RunInfo("t", 0))
-    assert "cannot be restored" in caplog.text
-    assert summary["status"] == "completed" and summary["iterations"] == 30
+    # The same length again: the final save lands on the corrupt checkpoint's step.
+    with caplog.at_level("INFO", logger="resnet_flax"):
+        summary = train(run, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+    assert "checkpoints/20 cannot be restored" in caplog.text
+    assert f"resuming {run} from iteration 10" in caplog.text
+    (aside,) = (run / "checkpoints" / "corrupt").iterdir()
+    assert aside.name.startswith("20-") and f"moved to {aside}" in caplog.text
+    assert summary["status"] == "completed" and summary["iterations"] == 20
     # resumed from 10, so the metrics from 10 on were produced again, each once
     iterations = [m["iteration"] for m in read_metrics(run / "metrics.jsonl") if "lr" in m]
-    assert iterations == sorted(set(iterations)) == list(range(5, 31, 5))
+    assert iterations == sorted(set(iterations)) == list(range(5, 21, 5))
+    # every checkpoint left restores and holds its own step, the final one included
+    checkpointer = Checkpointer(run / "checkpoints")
+    template = abstract_like(set_up(TINY, load_dataset(DIGITS), DIGITS, RECIPE, QUICK).state)
+    assert checkpointer.steps() == [20, 10]
+    for step in checkpointer.steps():
+        assert int(checkpointer.restore(step, template)["step"]) == step
+    checkpointer.close()
+
+
+def test_group_resume_sets_aside_newer_steps_and_every_save_lands(tmp_path):
+    import jax.numpy as jnp
+
+    from resnet_flax.training.checkpoints import restore_common
+
+    a, b = Checkpointer(tmp_path / "a"), Checkpointer(tmp_path / "b")
+    for step in (10, 20):  # seed b was killed before its save at 20
+        a.save(step, {"w": jnp.full(3, step)})
+        a.wait()
+    b.save(10, {"w": jnp.full(3, 10)})
+    b.wait()
+    step, states = restore_common([a, b], abstract_like({"w": jnp.zeros(3, jnp.int32)}))
+    assert step == 10 and [int(s["w"][0]) for s in states] == [10, 10]
+    # a's 20 would block the resumed run's save at 20 (Orbax skips steps it already lists)
+    (unused,) = (tmp_path / "a" / "unused").iterdir()
+    assert unused.name.startswith("20-") and a.steps() == [10]
+    a.save(20, {"w": jnp.full(3, 20)})
+    a.wait()
+    with pytest.raises(RuntimeError, match="already holds step 20"):
+        a.save(20, {"w": jnp.full(3, 20)})  # a skipped save is an error, never silent
+    a.close()
+    b.close()
+
+
+def test_one_diverging_seed_of_a_vmapped_group_stops_alone(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from resnet_flax.training.seeds import SeedGroup
+
+    real = SeedGroup.initial_state
+
+    def nan_first_seed(self, spec, tx, order_len, mesh):
+        graphdef, state, params = real(self, spec, tx, order_len, mesh)
+        nan = jax.tree.map(lambda p: p.at[0].set(jnp.nan), state["params"])
+        return graphdef, self.replicate({**state, "params": nan}, mesh), params
+
+    monkeypatch.setattr(SeedGroup, "initial_state", nan_first_seed)
+    group = TrainerConfig(**{**QUICK_10.__dict__, "vmap_seeds": 2})
+    result = train(tmp_path, TINY, DIGITS, RECIPE, group, RunInfo("t", 4))
+    assert result["status"] == "diverged"
+    bad, good = result["runs"]
+    # seed 4 stops at its first chunk (its records end there); seed 5 trains on to the end
+    assert bad["status"] == "diverged" and "at iteration 1;" in bad["message"]
+    assert bad["iterations"] == 5 == max(_curve(tmp_path / "seed_4", "iteration"))
+    assert not list((tmp_path / "seed_4" / "checkpoints").glob("[0-9]*"))
+    assert good["status"] == "completed" and good["iterations"] == 10
+    _assert_complete(tmp_path / "seed_5")
+    assert np.all(np.isfinite(_curve(tmp_path / "seed_5", "train_loss")))
+    assert [p.name for p in (tmp_path / "seed_5" / "checkpoints").glob("[0-9]*")] == ["10"]
 
 
 def test_eight_devices_match_one_device(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from resnet_flax.data.config import DataConfig
 from resnet_flax.data.memory import load_dataset
 from resnet_flax.models.resnet import flatten_responses
 from resnet_flax.models.spec import ModelSpec
-from resnet_flax.rundir import ANALYSIS_FILE, RUN_CONFIG_FILE, read_json, write_json
+from resnet_flax.rundir import ANALYSIS_FILE, RUN_CONFIG_FILE, read_json, read_summary, write_json
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like
 from resnet_flax.training.optim import OptimConfig, make_optimizer
 from resnet_flax.training.state import initial_state
 from resnet_flax.training.steps import cross_entropy
+
+log = logging.getLogger(__name__)
 
 
 class AnalysisError(ValueError):
@@ -111,7 +114,32 @@ def response_std(
     return out
 
 
-def analyze_run(run_dir: str | Path, grad_batch: int = 256) -> dict:
+def restore_final(
+    run_dir: Path, template: dict, summary: dict, allow_older: bool = False
+) -> tuple[int, dict]:
+    """(step, state) of the newest checkpoint that restores; an AnalysisError when there is
+    none, or when it is older than the run's `summary` iteration and not `allow_older`."""
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    restored = checkpointer.restore_latest(abstract_like(template))
+    checkpointer.close()
+    if restored is None:
+        raise AnalysisError(f"{run_dir} has no checkpoint that restores; train it first")
+    step, state = restored
+    final = summary.get("iterations")
+    if final is not None and step < final and not allow_older:
+        raise AnalysisError(
+            f"{run_dir}: the newest checkpoint that restores is at iteration {step}, older than "
+            f"iteration {final} in summary.json (status {summary.get('status')}); rerun the "
+            "training to save it again, or pass --allow-older-checkpoint to analyse "
+            f"iteration {step}"
+        )
+    log.info("%s: analysing the checkpoint at iteration %d (run at %s)", run_dir, step, final)
+    return int(step), state
+
+
+def analyze_run(
+    run_dir: str | Path, grad_batch: int = 256, allow_older_checkpoint: bool = False
+) -> dict:
     """Test-set response std and gradient norms at init and at the end, into analysis.json."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -124,12 +152,8 @@ def analyze_run(run_dir: str | Path, grad_batch: int = 256) -> dict:
     spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=data.image_shape[-1])
     graphdef, template = initial_state(spec, seed, make_optimizer(cfg["optim"]), len(data.x_train))
     init_params, init_stats = template["params"], template["batch_stats"]
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    restored = checkpointer.restore_latest(abstract_like(template))
-    checkpointer.close()
-    if restored is None:
-        raise AnalysisError(f"{run_dir} has no checkpoint that restores; train it first")
-    step, state = restored
+    summary = read_summary(run_dir)
+    step, state = restore_final(run_dir, template, summary, allow_older_checkpoint)
 
     x = aug.normalize(jnp.asarray(data.x_train[:grad_batch]), mean, std)
     y = jnp.asarray(data.y_train[:grad_batch])
@@ -154,7 +178,8 @@ def analyze_run(run_dir: str | Path, grad_batch: int = 256) -> dict:
         "depth": spec.depth,
         "shortcut": spec.shortcut,
         "seed": seed,
-        "iteration": int(step),
+        "checkpoint_step": step,
+        "run_iterations": summary.get("iterations"),
         "grad_batch": grad_batch,
         "layers": layers,
     }

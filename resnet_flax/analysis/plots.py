@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from resnet_flax.analysis.runs import load_analyses, load_curves, mean_std, select_final  # noqa: E402
+from resnet_flax.rundir import RunStatus  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ MODEL_COLORS = {"plain": "#d62728", "residual": "#1f77b4", "preact": "#2ca02c"}
 MODEL_LINESTYLES = {"plain": "--", "residual": "-", "preact": ":"}
 MODEL_MARKERS = {"plain": "s", "residual": "o", "preact": "^"}
 DEEP_RESIDUAL = 110  # Fig. 6 right panel: ResNet-110 and deeper.
+DIVERGED = "diverged"  # curve column: the run diverged, so its curve is drawn alone, marked
 STYLE = {
     "font.size": 8,
     "axes.titlesize": 8,
@@ -97,16 +99,44 @@ def seed_mean_curve(curves: pd.DataFrame, value: str) -> pd.DataFrame:
 
 
 def _plot_curves(ax, curves, value, colors, linestyle="-", linewidth=1.0, label=True) -> None:
-    """Draw one seed-averaged line per (model, depth) of ``curves[value]``."""
-    for (model, depth), line in seed_mean_curve(curves, value).groupby(["model", "depth"]):
+    """Draw one seed-averaged line per (model, depth) of ``curves[value]``; diverged runs'
+    curves (column DIVERGED) are drawn one by one, never averaged."""
+    style = {"linestyle": linestyle, "linewidth": linewidth}
+    diverged = curves.get(DIVERGED, pd.Series(False, index=curves.index)).astype(bool)
+    for (model, depth), line in seed_mean_curve(curves[~diverged], value).groupby(
+        ["model", "depth"]
+    ):
         ax.plot(
             line["iteration"],
             line[f"{value}_mean"],
             color=colors.get(int(depth), "grey"),
-            linestyle=linestyle,
-            linewidth=linewidth,
             label=model_label(model, depth) if label else None,
+            **style,
         )
+    _plot_diverged(ax, curves[diverged], value, colors, style, label)
+
+
+def _plot_diverged(ax, curves, value, colors, style: dict, label: bool) -> None:
+    """Each diverged run's own curve: an 'x' at its last point, '(diverged)' in its label."""
+    for _, line in curves[curves[value].notna()].groupby("run_dir"):
+        line, first = line.sort_values("iteration"), line.iloc[0]
+        seed = "" if pd.isna(first["seed"]) else f" seed {int(first['seed'])}"
+        ax.plot(
+            line["iteration"],
+            line[value].astype(float),
+            color=colors.get(int(first["depth"]), "grey"),
+            marker="x",
+            markevery=[len(line) - 1],
+            label=f"{model_label(first['model'], first['depth'])}{seed} (diverged)"
+            if label
+            else None,
+            **style,
+        )
+
+
+def mark_diverged(curves: pd.DataFrame, diverged: pd.DataFrame) -> pd.DataFrame:
+    """The curves with column DIVERGED: whether each line belongs to a run in ``diverged``."""
+    return curves.assign(**{DIVERGED: curves["run_dir"].isin(set(diverged["run_dir"]))})
 
 
 def fig1_plain(
@@ -311,11 +341,15 @@ def make_all_figures(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, list[
     """Write every applicable figure for a run table; returns name -> written paths."""
     finals = select_final(runs)
     colors = depth_colors(runs["depth"].dropna())
-    train, evals = load_curves(finals)
-    layers = load_analyses(runs[runs["model"].notna() & runs["depth"].notna()])
+    known = runs[runs["model"].notna() & runs["depth"].notna()]
+    # Diverged runs stay out of every average, but their curves show where they broke down.
+    diverged = known[known["status"] == RunStatus.DIVERGED]
+    drawn = pd.concat([f for f in (finals, diverged) if not f.empty] or [finals])
+    train, evals = (mark_diverged(c, diverged) for c in load_curves(drawn))
+    layers = load_analyses(known)
     written = {
         "fig1_plain": fig1_plain(train, evals, colors, out_dir),
-        "fig6_panels": fig6_panels(train, evals, finals, colors, out_dir),
+        "fig6_panels": fig6_panels(train, evals, drawn, colors, out_dir),
         "degradation_curve": degradation_curve(finals, out_dir),
         "layer_response_std": layer_response_std(layers, colors, out_dir),
         "gradient_flow": gradient_flow(layers, colors, out_dir),

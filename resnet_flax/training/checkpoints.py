@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,12 @@ class Checkpointer:
 
     def save(self, step: int, state) -> None:
         """Write the state at this step (asynchronously; finished before the next save)."""
-        self.manager.save(step, args=ocp.args.StandardSave(state))
+        if not self.manager.save(step, args=ocp.args.StandardSave(state)):
+            # Orbax skips a step at or below its newest: the newest would be an older state.
+            raise RuntimeError(
+                f"checkpoint {self.directory}/{step} not written: Orbax already holds step "
+                f"{self.manager.latest_step()}, so resuming would not see this state"
+            )
 
     def steps(self) -> list[int]:
         """The iterations that have a checkpoint, newest first."""
@@ -43,11 +50,26 @@ class Checkpointer:
             )
             return None
 
+    def set_aside(self, step: int, folder: str, why: str) -> Path:
+        """Move checkpoint `step` out of Orbax's steps to <folder>/<step>-<time>; its new path."""
+        target = self.directory / folder / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # Moved, not deleted: a checkpoint misjudged (a restore that failed for another
+        # reason) stays recoverable by hand; one process moves it, the others wait.
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint set aside {self.directory} {step}")
+        self.manager.reload()
+        log.warning("checkpoint %s/%d %s; moved to %s", self.directory, step, why, target)
+        return target
+
     def restore_latest(self, abstract_state) -> tuple[int, object] | None:
         """The newest checkpoint that restores, as (step, state); None when there is none.
 
         A corrupt or partial newest checkpoint is reported and the one before it is tried,
-        so a run killed while writing loses at most one checkpoint interval.
+        so a run killed while writing loses at most one checkpoint interval. Read-only: the
+        corrupt checkpoint stays (restore_common, which training uses, sets it aside).
         """
         for step in self.steps():
             state = self.restore(step, abstract_state)
@@ -72,10 +94,26 @@ def abstract_like(state) -> object:
 
 def restore_common(checkpointers: list[Checkpointer], abstract_state) -> tuple[int, list] | None:
     """The newest step that restores in every checkpointer (seeds trained together resume
-    together), as (step, [state per checkpointer]); None when there is no such step."""
+    together), as (step, [state per checkpointer]); None when there is no such step.
+
+    Every checkpoint newer than that step is set aside (corrupt ones under corrupt/, the
+    others under unused/): the resumed run saves those steps again, and Orbax would skip a
+    save at or below a step it still lists.
+    """
     common = set.intersection(*(set(c.steps()) for c in checkpointers))
+    restored = None
     for step in sorted(common, reverse=True):
         states = [c.restore(step, abstract_state) for c in checkpointers]
+        for checkpointer, state in zip(checkpointers, states, strict=True):
+            if state is None:
+                checkpointer.set_aside(step, "corrupt", "cannot be restored")
         if all(s is not None for s in states):
-            return step, states
-    return None
+            restored = step, states
+            break
+    resume = restored[0] if restored else -1
+    for checkpointer in checkpointers:
+        for step in checkpointer.steps():
+            if step > resume:
+                why = f"is newer than iteration {max(resume, 0)}, the newest every seed restores"
+                checkpointer.set_aside(step, "unused", why)
+    return restored

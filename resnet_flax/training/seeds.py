@@ -56,6 +56,11 @@ class SeedRun:
     wall_before: float
     status: RunStatus = RunStatus.RUNNING
     message: str | None = None
+    stopped_at: int | None = None  # the last iteration of a seed that diverged
+
+    def last_iteration(self, iteration: int) -> int:
+        """The iteration this seed reached when the group is at `iteration`."""
+        return iteration if self.stopped_at is None else self.stopped_at
 
     @property
     def running(self) -> bool:
@@ -176,12 +181,14 @@ class SeedGroup:
             shown = shown or seed_line
             if not np.all(np.isfinite(losses)):
                 first_bad = iteration - len(losses) + int(np.argmax(~np.isfinite(losses))) + 1
-                run.status = RunStatus.DIVERGED
+                run.status, run.stopped_at = RunStatus.DIVERGED, iteration
                 run.message = (
                     f"non-finite training loss at iteration {first_bad}; "
                     "lower optim.lr or use a warm-up (optim.warmup_lr)"
                 )
                 log.error("%s: %s", run.run_dir, run.message)
+                # Recorded now: the other seeds train on, and may end interrupted or failed.
+                run.write_status(iteration)
         return shown
 
     def log_eval(self, line: dict, results: dict[str, tuple]) -> None:
@@ -219,18 +226,19 @@ class SeedGroup:
                 run.write_status(iteration, **partial)
 
     def fail(self, err: BaseException, iteration: int) -> None:
-        """Record every seed as failed with the exception that stopped the program.
+        """Record every seed still running as failed with the exception that stopped the program.
 
         A KeyboardInterrupt (a second Ctrl-C) leaves the seeds interrupted: their newest
-        checkpoint is intact and a rerun resumes from it.
+        checkpoint is intact and a rerun resumes from it. A diverged seed stays diverged.
         """
         if isinstance(err, KeyboardInterrupt):
             status, message = RunStatus.INTERRUPTED, "stopped at once by a second Ctrl-C"
         else:
             status, message = RunStatus.FAILED, f"{type(err).__name__}: {err}"
         for run in self.runs:
-            run.status, run.message = status, message
-            run.write_status(iteration)
+            if run.running:
+                run.status, run.message = status, message
+                run.write_status(iteration)
 
     def close_checkpoints(self) -> None:
         """Finish pending checkpoint writes."""
@@ -251,7 +259,8 @@ class SeedGroup:
             if run.running:
                 run.status = RunStatus.COMPLETED
             summary = {**run.base_summary, "status": run.status, "message": run.message}
-            summary.update(final_numbers(run.recorder.history, steps_per_epoch, iteration))
+            at = run.last_iteration(iteration)
+            summary.update(final_numbers(run.recorder.history, steps_per_epoch, at))
             if run.status == RunStatus.COMPLETED:
                 for split, (loss, err) in final_seeds.items():
                     summary[f"final_{split}_loss"] = float(loss[k])
