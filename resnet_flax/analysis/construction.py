@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 from resnet_flax.analysis.plots import (
     FULL_WIDTH,
@@ -102,7 +103,7 @@ def construction_markdown(trios: dict[str, Trio]) -> str:
         "are identities (plain: Dirac convs and self-undoing BatchNorms; residual: branches "
         "whose last BN scale and shift are zero). The figure's curves are the running "
         "training error of each logging interval (training mode); its star is the "
-        "constructed net's error before any step.",
+        "constructed net's error before any step, its circles the final errors above.",
         "",
     ]
     lines += [f"- {sentence(trio)}" for trio in trios.values()]
@@ -141,6 +142,12 @@ ROLE_STYLES = {
 }
 
 
+ARROW = {"arrowstyle": "-", "color": "#2ca02c", "linewidth": 0.6}
+EVAL_HANDLE = Line2D(
+    [], [], color="grey", marker="o", markerfacecolor="none", linestyle="", label="eval mode, end"
+)
+
+
 def construction_figure(trios: dict[str, Trio], out_dir: str | Path) -> list[Path]:
     """Training error vs iterations, one panel per model kind: the source, the deep net from
     scratch and the deep net constructed, whose starting error is marked at iteration 0."""
@@ -159,15 +166,20 @@ def construction_figure(trios: dict[str, Trio], out_dir: str | Path) -> list[Pat
                 if role == "constructed":
                     label += f" from {trio.source.depth}"
                 ax.plot(train["iteration"], train["train_error"], label=label, **style)
+                end = run.summary.get("final_train_error")
+                if end is not None:
+                    ax.plot([run.summary["iterations"]], [end], marker="o", markersize=4,
+                            markerfacecolor="none", color=style["color"])  # fmt: skip
             start = trio.constructed.summary.get("initial_train_error")
             if start is not None:
                 ax.plot([0], [start], marker="*", markersize=8, color="#2ca02c", linestyle="")
-                ax.annotate(f"constructed: {_pct(start)}", (0, start), xytext=(6, 6),
-                            textcoords="offset points")  # fmt: skip
+                ax.annotate(f"constructed: {_pct(start)}", (0, start), xytext=(14, 16),
+                            textcoords="offset points", arrowprops=ARROW)  # fmt: skip
             ax.set_title(model_label(trio.model))
             _iteration_axis(ax)
             _percent_axis(ax, "training error")
-            ax.legend(loc="upper right")
+            handles, _ = ax.get_legend_handles_labels()
+            ax.legend(handles=[*handles, EVAL_HANDLE], loc="center right")
         _zero_bottom(axes[0])
         fig.tight_layout()
         return save_figure(fig, out_dir, FIGURE)
