@@ -210,7 +210,8 @@ def _fake_run(root, name: str, model: str, depth: int, errors: tuple, **fields) 
     run_dir = root / name
     run_dir.mkdir(parents=True)
     final, start = errors
-    summary = {"model": model, "depth": depth, "final_train_error": final, **fields}
+    summary = {"model": model, "depth": depth, "iterations": 10, "final_train_error": final}
+    summary.update(fields)
     (run_dir / "summary.json").write_text(json.dumps(summary))
     lines = [{"iteration": i, "epoch": i, "train_error": e} for i, e in ((5, start), (10, final))]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))

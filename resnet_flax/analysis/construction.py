@@ -166,9 +166,9 @@ def construction_figure(trios: dict[str, Trio], out_dir: str | Path) -> list[Pat
                 if role == "constructed":
                     label += f" from {trio.source.depth}"
                 ax.plot(train["iteration"], train["train_error"], label=label, **style)
-                end = run.summary.get("final_train_error")
-                if end is not None:
-                    ax.plot([run.summary["iterations"]], [end], marker="o", markersize=4,
+                end, at = run.summary.get("final_train_error"), run.summary.get("iterations")
+                if end is not None and at is not None:
+                    ax.plot([at], [end], marker="o", markersize=4,
                             markerfacecolor="none", color=style["color"])  # fmt: skip
             start = trio.constructed.summary.get("initial_train_error")
             if start is not None:
