@@ -1,1 +1,1 @@
-"""Benchmarking: the step timer and the PyTorch baseline."""
+"""Benchmarking: the step timer, the PyTorch baseline, the demo sweep against its PyTorch twin."""

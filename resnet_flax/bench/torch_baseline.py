@@ -106,8 +106,9 @@ def build_torch_model(spec: ModelSpec):
                 out = out + short
             return torch.relu(out)
 
-    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), batch_norm(16), nn.ReLU()]
-    cin = 16
+    stem = nn.Conv2d(spec.in_channels, arch.stem_width, 3, 1, 1, bias=False)
+    layers = [stem, batch_norm(arch.stem_width), nn.ReLU()]
+    cin = arch.stem_width
     for plan in arch.stages:
         for b in range(plan.num_blocks):
             layers.append(BasicBlock(cin, plan.out_width, plan.stride if b == 0 else 1))
