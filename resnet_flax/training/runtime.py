@@ -25,10 +25,22 @@ def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def maybe_initialize_distributed() -> None:
-    """Join a multi-host job (SLURM or explicit coordinator) before touching devices."""
+    """Join a multi-host job before touching devices: SLURM's, or an explicit coordinator.
+
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID; under a cluster JAX detects (SLURM, Open MPI) the last two may be left out.
+    """
     if jax.distributed.is_initialized():
         return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        # JAX reads only the address from the environment; outside a detected cluster it
+        # needs the process count and index as arguments.
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(
+            address, int(count) if count else None, int(index) if index else None
+        )
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
 
 
