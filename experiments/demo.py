@@ -14,8 +14,7 @@ from pathlib import Path
 
 from experiments import plot
 from resnet_flax.analysis.runs import load_runs
-
-EXPERIMENT = "digits_degradation"
+from resnet_flax.bench.demo_vs_torch import EXPERIMENT, demo_sweep_command
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -78,15 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "%Y-%m-%d_%H-%M-%S"
     )
     start = time.perf_counter()
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.train",
-        "-m",
-        f"experiment={EXPERIMENT}",
-        f"hydra.sweep.dir={sweep_dir}",
-        *args.overrides,
-    ]
+    command = demo_sweep_command(sweep_dir, args.overrides)
     print("$", " ".join(command[1:]), flush=True)
     if subprocess.run(command, check=False).returncode != 0:
         print(f"error: the sweep failed; see the logs under {sweep_dir}", file=sys.stderr)

@@ -25,9 +25,8 @@ EXPERIMENT = "digits_degradation"
 MAKE_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
-def sweep_command(sweep_dir: Path, timing_dir: Path, overrides: list[str]) -> list[str]:
-    """`make demo`'s sweep (without the plots) into sweep_dir, its jobs timed into timing_dir."""
-    timer = "+hydra.callbacks.job_timer"
+def demo_sweep_command(sweep_dir: Path, overrides: list[str]) -> list[str]:
+    """`make demo`'s sweep (without the plots) into sweep_dir, as experiments.demo runs it."""
     return [
         sys.executable,
         "-m",
@@ -36,6 +35,14 @@ def sweep_command(sweep_dir: Path, timing_dir: Path, overrides: list[str]) -> li
         f"experiment={EXPERIMENT}",
         f"hydra.sweep.dir={sweep_dir}",
         *overrides,
+    ]
+
+
+def sweep_command(sweep_dir: Path, timing_dir: Path, overrides: list[str]) -> list[str]:
+    """The demo's sweep into sweep_dir, its jobs timed into timing_dir."""
+    timer = "+hydra.callbacks.job_timer"
+    return [
+        *demo_sweep_command(sweep_dir, overrides),
         f"{timer}._target_=resnet_flax.bench.job_timer.JobTimer",
         f"{timer}.out_dir={timing_dir}",
     ]
