@@ -423,7 +423,7 @@ def test_sweep_breakdown_reads_the_timer_files(tmp_path):
 def test_job_timer_hooks_every_phase_it_names(monkeypatch):
     import importlib
 
-    from resnet_flax.bench import job_timer
+    from experiments import job_timer
 
     for module, owner, name, _ in job_timer.HOOKS:  # restored after the test
         target = importlib.import_module(module)
@@ -444,7 +444,7 @@ def test_job_timer_writes_a_record_for_completed_and_failed_jobs(tmp_path, monke
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from resnet_flax.bench import job_timer
+    from experiments import job_timer
 
     monkeypatch.setattr(job_timer, "install_hooks", lambda: [])
     monkeypatch.setattr(job_timer, "listen_to_jax", lambda: None)

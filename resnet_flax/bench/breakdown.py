@@ -1,4 +1,4 @@
-"""Where a sweep's time went: its jobs' records (resnet_flax.bench.job_timer) as phase totals."""
+"""Where a sweep's time went: its jobs' records (experiments.job_timer) as phase totals."""
 
 from __future__ import annotations
 

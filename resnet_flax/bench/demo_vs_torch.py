@@ -43,7 +43,7 @@ def sweep_command(sweep_dir: Path, timing_dir: Path, overrides: list[str]) -> li
     timer = "+hydra.callbacks.job_timer"
     return [
         *demo_sweep_command(sweep_dir, overrides),
-        f"{timer}._target_=resnet_flax.bench.job_timer.JobTimer",
+        f"{timer}._target_=experiments.job_timer.JobTimer",
         f"{timer}.out_dir={timing_dir}",
     ]
 

@@ -2,7 +2,7 @@
 
 Added on a sweep's command line, it leaves the library unchanged: in each job's process it
 wraps a few library functions with timers (HOOKS) and listens to JAX's compilation events.
-    +hydra.callbacks.job_timer._target_=resnet_flax.bench.job_timer.JobTimer
+    +hydra.callbacks.job_timer._target_=experiments.job_timer.JobTimer
     +hydra.callbacks.job_timer.out_dir=DIR
 Each job writes DIR/job_<num>.json, the sweep's main process DIR/sweep.json
 (resnet_flax.bench.breakdown reads them).
