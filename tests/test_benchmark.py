@@ -14,6 +14,8 @@ from experiments.benchmark import main
 from resnet_flax.bench.torch_baseline import torch_available
 
 
+# Slow: the whole benchmark CLI; its parts are tested fast below.
+@pytest.mark.slow
 def test_tiny_benchmark_writes_results(tmp_path):
     args = ["--models", "plain", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
     args += ["--steps", "2", "--repeats", "1", "--out", str(tmp_path), "--name", "tiny"]
@@ -122,6 +124,8 @@ def test_benchmark_rejects_more_cores_than_the_machine_has(tmp_path, capsys):
     assert "between 1 and the" in capsys.readouterr().err
 
 
+# Slow: a benchmark subprocess pinned to one core; pinning itself is tested in test_cpu_devices.
+@pytest.mark.slow
 def test_per_core_benchmark_pins_jax_and_pytorch_to_one_core(tmp_path):
     # In a subprocess: pinning would otherwise narrow the pytest process itself.
     args = ["--models", "residual", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]

@@ -70,6 +70,8 @@ def test_sgd_updates_lower_the_training_loss(tmp_path):
     assert summary["final_train_error"] < 0.5
 
 
+# Slow: tests/test_eight_devices.py runs the streamed source and the seed group with resume fast.
+@pytest.mark.slow
 def test_streamed_seed_group_matches_separate_runs_and_resumes(tmp_path, imagenette_dir):
     stream = StreamConfig(image_size=16, shuffle_buffer=64)
     cfg = DataConfig(name="imagenette", data_dir=str(imagenette_dir), stream=stream)

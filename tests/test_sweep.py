@@ -143,6 +143,8 @@ def test_smoke_sweep_basic_launcher_and_resume(tmp_path):
     check_sweep(sweep_dir)
 
 
+# Slow: the submitit path on one machine; the basic launcher sweep is in the fast set.
+@pytest.mark.slow
 def test_smoke_sweep_submitit_local(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train(

@@ -256,6 +256,8 @@ def test_one_diverging_seed_of_a_vmapped_group_stops_alone(tmp_path, monkeypatch
     assert [p.name for p in (tmp_path / "seed_5" / "checkpoints").glob("[0-9]*")] == ["10"]
 
 
+# Slow: 8 vs 1 device, in memory; tests/test_multihost.py compares 2x4 with 1x8 fast.
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tmp_path):
     one = _finish(_worker(tmp_path / "one", 10, batch=64))
     eight = _finish(
