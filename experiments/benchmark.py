@@ -137,12 +137,9 @@ def device_label() -> str:
 
 def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int, int | None]:
     """The (model, depth) jobs a preset sweeps, its batch size, iterations per run, bn_batch."""
-    from hydra import compose, initialize_config_dir
+    from experiments.config import compose_config
 
-    from experiments.config import REPO_ROOT
-
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", [f"experiment={name}"], return_hydra_config=True)
+    cfg = compose_config([f"experiment={name}"])
     params = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
     other = sorted(set(params) - {"model", "depth"})
     if other:
@@ -344,51 +341,12 @@ def preset_estimate(
     return estimate
 
 
-def demo_recipe(overrides: list[str]):
-    """The PyTorch twin's recipe: the demo preset with `overrides`, its jobs in Hydra's order."""
-    from hydra import compose, initialize_config_dir
-
-    from experiments.config import REPO_ROOT, register_resolvers, to_library
-    from resnet_flax.bench.demo_vs_torch import EXPERIMENT
-    from resnet_flax.bench.torch_sweep import sweep_jobs, twin_recipe
-
-    register_resolvers()
-    try:
-        with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
-            words = [f"experiment={EXPERIMENT}", *overrides]
-            cfg = compose("config", words, return_hydra_config=True)
-        jobs = sweep_jobs(dict(cfg.hydra.sweeper.params or {}), cfg.model, cfg.depth)
-        spec, data_cfg, optim, trainer, info = to_library(cfg)
-        n_jobs = int(cfg.hydra.launcher.n_jobs)
-        return twin_recipe(spec, data_cfg, optim, trainer, info.seed, jobs, n_jobs)
-    except Exception as err:  # Hydra's or the twin's message, in one line
-        raise UsageError(f"--demo-vs-torch: {err}".splitlines()[0]) from err
-
-
-def demo_vs_torch(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """--demo-vs-torch: our demo sweep cold and warm, then its PyTorch twin, written to files."""
-    from experiments.config import REPO_ROOT
-    from resnet_flax.bench.demo_vs_torch import run_demo_vs_torch, write_results
-    from resnet_flax.bench.torch_baseline import torch_available
-
-    if not torch_available():
-        raise UsageError("--demo-vs-torch needs PyTorch (pip install torch==2.13.0)")
-    recipe = demo_recipe(args.demo_overrides)
-    files = ResultFiles(args, argv)
-    try:
-        result = run_demo_vs_torch(recipe, args.demo_overrides, REPO_ROOT, args.cold)
-    except RuntimeError as err:  # a sweep failed: its command, exit status and log tail
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    paths = write_results(files.out, args.name or "demo_vs_torch", {**files.meta, **result})
-    print(f"wrote {paths[0]} and {paths[1].name}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run every requested case and write JSON and Markdown results."""
     args = parse_args(argv)
     if args.demo_vs_torch:
+        from experiments.demo_vs_torch import demo_vs_torch
+
         try:
             return demo_vs_torch(args, argv)
         except UsageError as err:

@@ -88,6 +88,14 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The composed `conf/config.yaml` with `overrides`, Hydra's own node included."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides, return_hydra_config=True)
+
+
 def _container(node: DictConfig) -> dict:
     """A resolved plain dict of one config node."""
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]

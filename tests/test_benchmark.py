@@ -205,7 +205,7 @@ def test_pytorch_group_batchnorm_rejects_a_batch_its_groups_do_not_divide():
 
 
 def test_twin_learning_rate_is_our_warmup_schedule():
-    from experiments.benchmark import demo_recipe
+    from experiments.demo_vs_torch import demo_recipe
     from resnet_flax.bench.torch_sweep import twin_lr
     from resnet_flax.training.optim import OptimConfig, make_schedule
 
@@ -220,7 +220,7 @@ def test_twin_learning_rate_is_our_warmup_schedule():
 
 
 def test_twin_recipe_is_the_demo_preset_in_hydras_job_order():
-    from experiments.benchmark import demo_recipe
+    from experiments.demo_vs_torch import demo_recipe
 
     recipe = demo_recipe([])
     # deepest first, models inner: the order the demo's Hydra sweep dispatches its jobs
@@ -232,7 +232,8 @@ def test_twin_recipe_is_the_demo_preset_in_hydras_job_order():
 
 
 def test_twin_refuses_a_recipe_it_does_not_implement():
-    from experiments.benchmark import UsageError, demo_recipe
+    from experiments.benchmark import UsageError
+    from experiments.demo_vs_torch import demo_recipe
 
     with pytest.raises(UsageError, match="augmentation"):
         demo_recipe(["dataset.crop_padding=4"])
