@@ -110,12 +110,14 @@ def _fast_conv_fwd(x, w, strides, pads, precision):
 
 def _fast_conv_bwd(strides, pads, precision, res, dy):
     x, w = res
+    if strides == (1, 1):
+        return _input_grad(dy, w, pads, precision), _kernel_grad(
+            _materialize(x), dy, pads, precision
+        )
     # dX: XLA's own transpose (a conv with the flipped kernel); the im2col matmul dy @ W^T
     # plus col2im was 4-10x slower. For strided convs, one stride-1 conv per input phase
     # (skipping the zeros of the dilated dy) was faster with XLA's multi-threaded convs but
-    # slower on the single-threaded devices of resnet_flax.training.cpu_devices (3x3 s2, batch 64:
-    # 16->32 at 32x32 5.2 vs 4.4 ms, 32->64 at 16x16 2.4 vs 1.4 ms; ResNet-20 step
-    # ~0.40 -> ~0.38 s without it), so it was removed.
+    # slower on the single-threaded devices of resnet_flax.training.cpu_devices, so it was removed.
     (dx,) = jax.linear_transpose(
         lambda x_: _conv(x_, w, strides, pads, precision), jax.ShapeDtypeStruct(x.shape, x.dtype)
     )(dy)
@@ -126,6 +128,30 @@ def _fast_conv_bwd(strides, pads, precision, res, dy):
         lambda w_: _conv(xm, w_, strides, pads, precision), jax.ShapeDtypeStruct(w.shape, w.dtype)
     )(dy)
     return dx, dw
+
+
+def _input_grad(dy, w, pads, precision):
+    """dX of a stride-1 conv as a forward NHWC/HWIO conv of dy with the flipped kernel.
+
+    Written out, not left to autodiff: inside a loop (a scanned stage) XLA:CPU keeps the
+    transposed conv's odd dimension order and runs it on a slow generic path.
+    """
+    kh, kw = w.shape[:2]
+    flipped = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
+    back_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads, strict=True))
+    return _conv(dy, flipped, (1, 1), back_pads, precision)
+
+
+def _kernel_grad(x, dy, pads, precision):
+    """dW of a stride-1 conv as a forward NHWC/HWIO conv: channels as batch, images as features.
+
+    dW[i, j, c, o] = sum over n, h, w of x_pad[n, h + i, w + j, c] * dy[n, h, w, o], i.e. the
+    (C, H, W, N) input convolved with the (Ho, Wo, N, O) window; explicit for the same reason
+    as _input_grad.
+    """
+    x_cf = jnp.transpose(x, (3, 1, 2, 0))
+    dy_win = jnp.transpose(dy, (1, 2, 0, 3))
+    return jnp.transpose(_conv(x_cf, dy_win, (1, 1), pads, precision), (1, 2, 0, 3))
 
 
 _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
