@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,9 +19,16 @@ from resnet_flax.data.memory import DataConfig, load_dataset
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.rundir import read_metrics
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like
-from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig, check_trainer
+from resnet_flax.training.config import (
+    ConfigError,
+    RunInfo,
+    TrainerConfig,
+    check_trainer,
+    compiler_options,
+)
 from resnet_flax.training.loop import set_up, train
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.steps import Program
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelSpec(model="residual", depth=8)
@@ -107,6 +116,24 @@ def test_bad_intervals_fail_before_compiling():
         check_trainer(TrainerConfig(log_every=7, eval_every=10), 1)
     with pytest.raises(ConfigError, match="divisible by the 8 devices"):
         check_trainer(TrainerConfig(batch_size=12), 8)
+    with pytest.raises(ConfigError, match="one of default, fast_compile, fast_runtime; got 'fast'"):
+        check_trainer(TrainerConfig(xla_cpu_preset="fast"), 1)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+def test_cpu_preset_reaches_every_compiled_program():
+    """The preset is an option of the step and evaluation programs (XLA rejects a bad value)."""
+    assert compiler_options(TrainerConfig(xla_cpu_preset="fast_compile")) == {
+        "xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"
+    }
+    assert compiler_options(TrainerConfig()) == {}
+    program = Program(
+        lambda s, d: (s + d, s), lambda s, d: s * d, "python", {"xla_cpu_opt_preset": "X"}
+    )
+    one = jnp.float32(1)
+    for compile_one in (lambda: program.repeat(one, one, 2), lambda: program.evaluate(one, one)):
+        with pytest.raises(Exception, match="xla_cpu_opt_preset"):
+            compile_one()
 
 
 WORKER = textwrap.dedent(

@@ -18,7 +18,13 @@ from resnet_flax.data.memory import DataConfig, Dataset
 from resnet_flax.data.stream import Stream
 from resnet_flax.models.spec import ModelSpec, complete_spec
 from resnet_flax.rundir import RunStatus, git_commit, library_versions
-from resnet_flax.training.config import RunInfo, TrainerConfig, check_trainer, resolve_loop
+from resnet_flax.training.config import (
+    RunInfo,
+    TrainerConfig,
+    check_trainer,
+    compiler_options,
+    resolve_loop,
+)
 from resnet_flax.training.construction import SourceRun, check_source, start_state
 from resnet_flax.training.optim import OptimConfig, make_optimizer, make_schedule
 from resnet_flax.training.preemption import RunInterrupted, StopRequests
@@ -73,7 +79,7 @@ def set_up(
     recipe = Recipe(graphdef, optim, tx, make_schedule(optim, trainer.iterations))
     step = group.vmap_step(source.train_step(recipe))
     evaluate = group.vmap_eval(functools.partial(eval_sums, graphdef))
-    program = Program(step, evaluate, resolve_loop(trainer.step_loop))
+    program = Program(step, evaluate, resolve_loop(trainer.step_loop), compiler_options(trainer))
     return Setup(spec, trainer, mesh, source, group, graphdef, program, state, param_count, origin)
 
 

@@ -154,14 +154,18 @@ class Program:
     `step` is a pure (state, data) -> (state, metrics) function and `evaluate` a pure
     eval_sums-like function, both already vectorised over a seed group where there is one.
     `step_loop` is "scan" (one program per chunk length) or "python" (a loop over the step).
+    `options` are XLA compiler options for all three (training.config.compiler_options).
     """
 
-    def __init__(self, step: Callable, evaluate: Callable, step_loop: str):
-        self.train_step = jax.jit(step, donate_argnums=(0,))
-        self.train_chunk = jax.jit(
+    def __init__(
+        self, step: Callable, evaluate: Callable, step_loop: str, options: dict | None = None
+    ):
+        jit = functools.partial(jax.jit, compiler_options=options or None)
+        self.train_step = jit(step, donate_argnums=(0,))
+        self.train_chunk = jit(
             functools.partial(scan_steps, step), static_argnums=(2,), donate_argnums=(0,)
         )
-        self.evaluate = jax.jit(evaluate)
+        self.evaluate = jit(evaluate)
         self.step_loop = step_loop
         self.compile_s = 0.0  # seconds spent compiling, kept out of the training time
         self._compiled: dict = {}
