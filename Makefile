@@ -8,6 +8,9 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 # Huge pages for malloc, so glibc keeps XLA:CPU's per-step buffers instead of faulting them in
 # again every step (docs/performance.md); a glibc without the tunable ignores it.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# Tests in one worker process per core (pytest-xdist), at most 4: most are single-threaded
+# compiles and subprocesses. PARALLEL= runs them in one process.
+PARALLEL ?= -n auto --maxprocesses=4
 
 .PHONY: help demo test test-all bench lint format venv clean
 
@@ -33,11 +36,11 @@ demo: $(STAMP)  ## Run the default digits degradation sweep and draw its figures
 test: $(DEV_STAMP)  ## Lint and run the fast tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -m "not slow" -q
+	$(VENV)/bin/pytest -m "not slow" -q $(PARALLEL)
 
 test-all: $(DEV_STAMP)  ## Lint and run every test, the slow ones too
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PARALLEL)
 
 bench: $(DEV_STAMP)  ## CPU/GPU benchmark of plain and residual 20/56/110 (+ PyTorch if installed, rounds alternating)
 	$(PY) -m experiments.benchmark --models plain residual --depths 20 56 110 --repeats 1 --rounds 3 \

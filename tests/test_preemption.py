@@ -38,6 +38,7 @@ CASES = {
     "digits-sigint": (signal.SIGINT, ["dataset=digits", ONE_DEVICE]),
     "seed-group-sigint": (signal.SIGINT, ["dataset=digits", "trainer.vmap_seeds=2", ONE_DEVICE]),
     "stream-sigusr2": (signal.SIGUSR2, [*STREAM, ONE_DEVICE]),
+    "stream-seed-group-sigusr2": (signal.SIGUSR2, [*STREAM, "trainer.vmap_seeds=2", ONE_DEVICE]),
 }
 
 
@@ -74,10 +75,10 @@ def wait_for_training(job_dir: Path, proc: subprocess.Popen, args: list[str]) ->
         time.sleep(0.02)
 
 
-# Slow: digits-sigint (the seed-group case sends SIGINT through the same path).
-CASE_PARAMS = [
-    pytest.param(c, marks=pytest.mark.slow) if c == "digits-sigint" else c for c in CASES
-]
+# Fast: the guarded child (SIGTERM) and a streamed seed group, which covers the stream's and
+# the group's stop alone (slow) in one run; SIGINT takes the same path as the other signals.
+FAST_CASES = ("digits-sigterm", "stream-seed-group-sigusr2")
+CASE_PARAMS = [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
