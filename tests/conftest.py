@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the session's own process.
+    """One persistent compilation cache for the pytest process, shared by all its tests.
 
     Tests build the same tiny nets again and again; each new jit wrapper would recompile
     them. Reading the compiled program back from disk gives the same executable.

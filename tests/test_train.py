@@ -127,13 +127,13 @@ def test_cpu_preset_reaches_every_compiled_program():
         "xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"
     }
     assert compiler_options(TrainerConfig()) == {}
-    program = Program(
-        lambda s, d: (s + d, s), lambda s, d: s * d, "python", {"xla_cpu_opt_preset": "X"}
-    )
-    one = jnp.float32(1)
-    for compile_one in (lambda: program.repeat(one, one, 2), lambda: program.evaluate(one, one)):
+    one, bad = jnp.float32(1), {"xla_cpu_opt_preset": "X"}
+    for loop in ("python", "scan"):  # the single step, and the scanned chunk
+        program = Program(lambda s, d: (s + d, s), lambda s, d: s * d, loop, bad)
         with pytest.raises(Exception, match="xla_cpu_opt_preset"):
-            compile_one()
+            program.repeat(one, one, 2)
+        with pytest.raises(Exception, match="xla_cpu_opt_preset"):
+            program.evaluate(one, one)
 
 
 WORKER = textwrap.dedent(

@@ -111,9 +111,8 @@ def _fast_conv_fwd(x, w, strides, pads, precision):
 def _fast_conv_bwd(strides, pads, precision, res, dy):
     x, w = res
     if strides == (1, 1):
-        return _input_grad(dy, w, pads, precision), _kernel_grad(
-            _materialize(x), dy, pads, precision
-        )
+        dx = _input_grad(dy, w, pads, precision)
+        return dx, _kernel_grad(_materialize(x), dy, pads, precision)
     # dX: XLA's own transpose (a conv with the flipped kernel); the im2col matmul dy @ W^T
     # plus col2im was 4-10x slower. For strided convs, one stride-1 conv per input phase
     # (skipping the zeros of the dilated dy) was faster with XLA's multi-threaded convs but

@@ -55,8 +55,8 @@ class ModelSpec:
     bn_batch: int | None = None
     conv_impl: str = "auto"
     # Identical blocks are stacked and applied with a scan (compile time flat in depth);
-    # "unroll" emits them one by one. "auto": unroll on CPU, where the scanned step is ~10%
-    # slower at depth 56 (docs/performance.md), scan on accelerators.
+    # "unroll" emits them one by one. "auto": unroll on CPU, where the scanned step is a
+    # little slower (docs/performance.md), scan on accelerators.
     stage_loop: str = "auto"
     # Conventions on which published implementations differ (none changes the parameter count):
     # where a bottleneck unit's stride sits; how strided 3x3 convs and the max pool pad (the

@@ -20,11 +20,11 @@ class TrainerConfig:
     eval_batch_size: int = 1_000
     progress: bool = True
     # How a chunk of steps runs: one lax.scan ("scan"), or a Python loop over a compiled step
-    # ("python"). "auto" picks python on CPU (docs/performance.md) and scan elsewhere.
+    # ("python"). "auto" picks python on CPU, where a loop saves no dispatch worth another
+    # program to compile per chunk length (docs/performance.md), and scan elsewhere.
     step_loop: str = "auto"
-    # XLA:CPU's optimisation preset for the train and evaluation programs (CPU_PRESETS).
-    # fast_compile halves the compile of deep unrolled nets on small images (ResNet-56 at 8x8)
-    # at the same step time; at 32x32 it compiles no faster and steps a few % slower.
+    # XLA:CPU's optimisation preset for the train and evaluation programs (CPU_PRESETS):
+    # fast_compile pays off for short runs of deep nets on small images (docs/performance.md).
     xla_cpu_preset: str = "default"
     # Seeds seed .. seed+vmap_seeds-1 trained as ONE compiled program (vmap over seeds), each
     # into run_dir/seed_<s>: small models leave a GPU idle, several seeds fill it.
