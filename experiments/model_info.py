@@ -8,21 +8,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from experiments.architecture import architecture_fields
+from experiments.preflight import run_checked
+from experiments.schema import model_spec
 from resnet_flax.models.counts import summarize
-from resnet_flax.models.spec import ModelSpec, SpecError
+from resnet_flax.models.spec import SpecError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="model_info")
 def main(cfg: DictConfig) -> None:
     """Summarise the configured network without compiling anything."""
-    spec = ModelSpec(
-        **architecture_fields(cfg),
-        num_classes=cfg.num_classes,
-        in_channels=cfg.in_channels,
-    )
     try:
-        summary = summarize(spec, cfg.input_size)
+        spec, input_size = model_spec(cfg)
+        summary = summarize(spec, input_size)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -56,4 +53,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_checked(main, "model_info", model_spec)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
@@ -11,82 +10,52 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-# Importing the library imports JAX but does not start its backend; train() starts it, after
-# pin_gpu has set CUDA_VISIBLE_DEVICES for this worker and use_cpu_devices has split the CPU.
-from experiments.config import (
-    compilation_cache_dir,
-    completed_summary,
-    parallel_jobs,
-    pin_gpu,
-    remove_if_empty,
-    to_library,
-)
-from resnet_flax.data.memory import DataError
+# Importing the library imports JAX but does not start its backend; the job starts it, after
+# pin_gpu has set CUDA_VISIBLE_DEVICES for this worker and the CPU is split into devices.
+from experiments.preflight import run_checked
+from experiments.schema import run_config
+from resnet_flax.data.config import DataError
 from resnet_flax.models.spec import SpecError
 from resnet_flax.rundir import RunStatus
 from resnet_flax.training.config import ConfigError
-from resnet_flax.training.cpu_devices import (
-    CpuDevicesError,
-    cpu_device_count,
-    jax_backend_started,
-    usable_cores,
-    use_cpu_devices,
-)
-from resnet_flax.training.guard import JobDied, run_guarded
-from resnet_flax.training.loop import train
+from resnet_flax.training.cpu_devices import CpuDevicesError
+from resnet_flax.training.devices import pin_gpu
+from resnet_flax.training.guard import JobDied
+from resnet_flax.training.job import remove_if_empty, run_job
 from resnet_flax.training.preemption import RunInterrupted
-from resnet_flax.training.runtime import enable_compilation_cache, maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
+REJECTED = (SpecError, DataError, ConfigError, CpuDevicesError)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    """Validate the config, load the data, train (or resume) into Hydra's output dir."""
+    """Check the config, then train (or resume) into Hydra's output dir."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    if hc.mode == RunMode.MULTIRUN and hc.runtime.choices.get("hydra/launcher") == "multi_gpu":
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and hc.runtime.choices.get("hydra/launcher") == "multi_gpu":
         pin_gpu(hc.job.num, Path(hc.sweep.dir) / ".gpu_locks")
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if multirun else None
     try:
-        spec, data_cfg, optim, trainer, info = to_library(cfg)
-        finished = completed_summary(run_dir, trainer, info.seed)
-        if finished is not None:
-            log.info("%s already completed %d iterations; skipping", run_dir, trainer.iterations)
-            return finished
-        # Jobs of a parallel sweep share the cores: each splits only its share into devices
-        # and keeps every device single-threaded.
-        jobs = parallel_jobs(hc)
-        cores = max(1, usable_cores() // jobs)
-        count = cpu_device_count(cfg.cpu_devices, [trainer.batch_size], cores)
-        job = functools.partial(
-            train_job, cfg, run_dir, count, jobs > 1, (spec, data_cfg, optim, trainer, info)
-        )
-        # Collectives between CPU devices of one process can abort it (XLA's timeout): such
-        # runs train in a child process, so the abort is recorded and a sweep goes on.
-        guarded = count > 1 and not jax_backend_started()
-        summary = run_guarded(job, run_dir) if guarded else job()
-    except (SpecError, DataError, ConfigError, CpuDevicesError) as err:
-        # One clear line instead of a traceback; nothing has compiled yet.
-        print(f"error: {err}", file=sys.stderr)
+        summary = run_job(run_dir, run_config(cfg), max(1, int(n_jobs or 1)))
+    except REJECTED as err:
+        print(f"error: {err}", file=sys.stderr)  # one line; nothing has compiled yet
         remove_if_empty(run_dir)
         sys.exit(2)
     except JobDied as err:
         print(f"error: {run_dir}: {err}", file=sys.stderr)
-        if hc.mode != RunMode.MULTIRUN:
+        if not multirun:
             sys.exit(1)
         return {"status": RunStatus.FAILED, "message": str(err)}
     except RunInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         hand_on(err.signum)
-    log.info(
-        "%s: %s, final training error %s, test error %s",
-        run_dir,
-        summary["status"],
-        summary.get("final_train_error"),
-        summary.get("final_test_error"),
-    )
+    status = summary["status"]
+    log.info("%s: %s, final training error %s, test error %s", run_dir, status,
+             summary.get("final_train_error"), summary.get("final_test_error"))  # fmt: skip
     return summary
 
 
@@ -101,14 +70,5 @@ def hand_on(signum: int) -> None:
     sys.exit(128 + signum)
 
 
-def train_job(cfg: DictConfig, run_dir: Path, count: int, single_threaded: bool, parts) -> dict:
-    """Set up this process's devices, then load the data and train (or resume) the run."""
-    spec, data_cfg, optim, trainer, info = parts
-    use_cpu_devices(count, single_threaded=single_threaded)
-    enable_compilation_cache(compilation_cache_dir(cfg))
-    maybe_initialize_distributed()
-    return train(run_dir, spec, data_cfg, optim, trainer, info)
-
-
 if __name__ == "__main__":
-    main()
+    run_checked(main, "config", run_config)

@@ -27,6 +27,8 @@ RUN_CONFIG_FILE = "run_config.json"
 ANALYSIS_FILE = "analysis.json"
 HYDRA_CONFIG_FILE = os.path.join(".hydra", "config.yaml")
 CHECKPOINT_DIR = "checkpoints"
+# Written by a run constructed from a shallower trained run (init_from), before its first step.
+CONSTRUCTION_FILE = "construction.json"
 # Written by a job that trains several seeds as one program: the runs are its seed_<s>
 # subdirectories, and the job directory itself is not a run.
 SEED_GROUP_MARKER = "seed_group.json"

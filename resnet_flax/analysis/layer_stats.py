@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -13,13 +12,12 @@ import numpy as np
 from flax import nnx
 
 from resnet_flax.data import augment as aug
-from resnet_flax.data.config import DataConfig
 from resnet_flax.data.memory import load_dataset
 from resnet_flax.models.resnet import flatten_responses
-from resnet_flax.models.spec import ModelSpec
-from resnet_flax.rundir import ANALYSIS_FILE, RUN_CONFIG_FILE, read_json, read_summary, write_json
+from resnet_flax.rundir import ANALYSIS_FILE, RUN_CONFIG_FILE, read_summary, write_json
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like
-from resnet_flax.training.optim import OptimConfig, make_optimizer
+from resnet_flax.training.optim import make_optimizer
+from resnet_flax.training.run_config import RunConfig, read_run_config
 from resnet_flax.training.state import initial_state
 from resnet_flax.training.steps import cross_entropy
 
@@ -30,14 +28,11 @@ class AnalysisError(ValueError):
     """A run directory that cannot be analysed; the message says why."""
 
 
-def load_run_config(run_dir: Path) -> dict:
-    """The library-level configuration that train() saved in the run directory."""
-    cfg = read_json(Path(run_dir) / RUN_CONFIG_FILE)
-    if not cfg:
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The configuration that train() recorded in the run directory."""
+    cfg = read_run_config(run_dir)
+    if cfg is None:
         raise AnalysisError(f"{run_dir} has no {RUN_CONFIG_FILE}: is it a training run directory?")
-    cfg["model"] = ModelSpec(**cfg["model"])
-    cfg["data"] = DataConfig.from_dict(cfg["data"])
-    cfg["optim"] = OptimConfig.from_dict(cfg["optim"])
     return cfg
 
 
@@ -143,14 +138,12 @@ def analyze_run(
     """Test-set response std and gradient norms at init and at the end, into analysis.json."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    spec: ModelSpec = cfg["model"]
-    seed = cfg["info"]["seed"]
-    data = load_dataset(cfg["data"])
-    mean, std = aug.normalization_stats(data.x_train, cfg["data"].normalization)
+    spec, seed = cfg.model, cfg.info.seed
+    data = load_dataset(cfg.dataset)
+    mean, std = aug.normalization_stats(data.x_train, cfg.dataset.normalization)
 
     # The initial parameters are a function of the seed; the same state is the restore template.
-    spec = dataclasses.replace(spec, num_classes=data.num_classes, in_channels=data.image_shape[-1])
-    graphdef, template = initial_state(spec, seed, make_optimizer(cfg["optim"]), len(data.x_train))
+    graphdef, template = initial_state(spec, seed, make_optimizer(cfg.optim), len(data.x_train))
     init_params, init_stats = template["params"], template["batch_stats"]
     summary = read_summary(run_dir)
     step, state = restore_final(run_dir, template, summary, allow_older_checkpoint)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
 LOCAL_DATASETS = ("digits", "npz")
@@ -67,6 +64,14 @@ class DataConfig:
     stream: StreamConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.name not in DATASETS + STREAMING_DATASETS:
+            valid = ", ".join(DATASETS + STREAMING_DATASETS)
+            raise DataError(f"dataset must be one of {valid}; got {self.name!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise DataError(
+                f"dataset.normalization must be one of {', '.join(NORMALIZATIONS)}; "
+                f"got {self.normalization!r}"
+            )
         if self.name in STREAMED and self.stream is None:
             object.__setattr__(self, "stream", StreamConfig())
         if self.name not in STREAMED and self.stream is not None:
@@ -79,39 +84,6 @@ class DataConfig:
                 f"num_classes applies to dataset=npz only; {self.name!r} knows its classes: "
                 "remove dataset.num_classes"
             )
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> DataConfig:
-        """A DataConfig from a plain dict: Hydra's dataset node or run_config.json's "data".
-
-        Stream settings may also be given flat (dataset.augmentation); they go into the stream
-        node, overriding it, for a streamed dataset and are ignored for an in-memory one.
-        """
-        fields = dict(fields)
-        stream_keys = _field_names(StreamConfig)
-        flat = {key: fields.pop(key) for key in stream_keys & fields.keys()}
-        _check_keys("dataset", fields, _field_names(cls))
-        stream = fields.pop("stream", None)
-        if stream is not None:
-            _check_keys("dataset.stream", stream, stream_keys)
-        if fields.get("name", cls.name) in STREAMED:
-            stream = {**(stream or {}), **flat}
-        fields["stream"] = None if stream is None else StreamConfig(**stream)
-        return cls(**fields)
-
-
-def _field_names(cls: type) -> set[str]:
-    """The field names of a dataclass."""
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _check_keys(node: str, fields: Mapping[str, Any], valid: set[str]) -> None:
-    """Raise a DataError naming the valid keys when `fields` holds others."""
-    unknown = sorted(set(fields) - valid)
-    if unknown:
-        raise DataError(
-            f"unknown {node} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
-        )
 
 
 # The optional dependencies that read TFDS datasets (everything but digits and npz).

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from resnet_flax.data.config import (
-    DATASETS,
-    NORMALIZATIONS,
     STREAMING_DATASETS,
     DataConfig,
     DataError,
@@ -256,13 +254,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raise DataError(
             f"dataset {cfg.name!r} is streamed, not loaded into memory: "
             "use resnet_flax.data.stream.open_stream"
-        )
-    if cfg.name not in DATASETS:
-        valid = ", ".join(DATASETS + STREAMING_DATASETS)
-        raise DataError(f"dataset must be one of {valid}; got {cfg.name!r}")
-    if cfg.normalization not in NORMALIZATIONS:
-        raise DataError(
-            f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {cfg.normalization!r}"
         )
     if cfg.name == "digits":
         data = load_digits()

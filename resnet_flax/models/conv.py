@@ -238,17 +238,14 @@ def conv_general_dilated(
     return _fast_conv(lhs, rhs, strides, pads, precision)
 
 
-def select_conv(backend: str = "auto") -> ConvFn:
-    """Return the convolution to pass as `nnx.Conv(..., conv_general_dilated=...)`.
+def select_conv(impl: str) -> ConvFn:
+    """The convolution to pass as `nnx.Conv(..., conv_general_dilated=...)`.
 
-    `backend` is "fast" (this module's custom-VJP conv), "xla" (`lax.conv_general_dilated`)
-    or "auto": "fast" when JAX's default backend is the CPU, "xla" otherwise (on GPU/TPU
-    the library convolutions are already fast).
+    `impl` is "fast" (this module's custom-VJP conv) or "xla" (`lax.conv_general_dilated`);
+    models.spec.for_backend decides "auto" (fast on CPU; on GPU/TPU XLA's are already fast).
     """
-    if backend == "auto":
-        backend = "fast" if jax.default_backend() == "cpu" else "xla"
-    if backend == "fast":
+    if impl == "fast":
         return conv_general_dilated
-    if backend == "xla":
+    if impl == "xla":
         return lax.conv_general_dilated
-    raise ValueError(f"backend must be 'auto', 'fast' or 'xla', got {backend!r}")
+    raise ValueError(f"conv_impl must be 'fast' or 'xla' here, got {impl!r}")

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_flax.backend import current_backend
 from resnet_flax.models.batchnorm import GroupBatchNorm
 from resnet_flax.models.conv import select_conv
-from resnet_flax.models.spec import Architecture, ModelSpec, StagePlan, resolve
+from resnet_flax.models.spec import Architecture, ModelSpec, StagePlan, for_backend, resolve
 
 # He et al. 2015 initialise with N(0, 2/n), n = k*k*c_in (the fan-in).
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -33,7 +34,7 @@ def _batch_norm(
         group=spec.bn_batch,
         momentum=spec.bn_momentum,
         epsilon=spec.bn_epsilon,
-        dtype=jnp.dtype(spec.dtype),
+        dtype=jnp.dtype(spec.precision),
         scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
         rngs=rngs,
     )
@@ -63,7 +64,7 @@ class ConvBN(nnx.Module):
         padding: str | tuple | None = None,
         rngs: nnx.Rngs,
     ):
-        dtype = jnp.dtype(spec.dtype)
+        dtype = jnp.dtype(spec.precision)
         if padding is None:
             padding = _padding(spec, kernel, stride)
         self.conv = nnx.Conv(
@@ -196,10 +197,7 @@ class Stage(nnx.Module):
 
     def __init__(self, spec: ModelSpec, kind: str, cin: int, plan: StagePlan, rngs: nnx.Rngs):
         self.remat = spec.remat
-        loop = spec.stage_loop
-        if loop == "auto":
-            loop = "unroll" if jax.default_backend() == "cpu" else "scan"
-        self.unroll = loop == "unroll"
+        self.unroll = spec.stage_loop == "unroll"
         self.first = Block(
             spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs, stage_first=True
         )
@@ -283,9 +281,13 @@ class ResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.final_preact = PreActBN(spec, cin, rngs=rngs) if self.preact else None
         self.head = nnx.Linear(
-            cin, spec.num_classes, kernel_init=dense_init, dtype=jnp.dtype(spec.dtype), rngs=rngs
+            cin,
+            spec.num_classes,
+            kernel_init=dense_init,
+            dtype=jnp.dtype(spec.precision),
+            rngs=rngs,
         )
-        self.dtype = jnp.dtype(spec.dtype)
+        self.dtype = jnp.dtype(spec.precision)
 
     def __call__(self, x: jax.Array, train: bool = False, capture: bool = False):
         """Logits (float32); with capture=True also every branch conv's response per stage."""
@@ -315,7 +317,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> ResNet:
     in the digits demo. XLA's optimisations are off for this program, which runs once:
     ResNet-8 4.3 -> 1.2 s, ResNet-56 9.3 -> 2.6 s.
     """
-    arch = resolve(spec)
+    arch = resolve(for_backend(spec, current_backend()))
     graphdefs = []
 
     def draw(seed_):
@@ -330,7 +332,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> ResNet:
 
 def abstract_model(spec: ModelSpec) -> ResNet:
     """The network with shapes only (no memory, no compile): for counting and restoring."""
-    arch = resolve(spec)
+    arch = resolve(for_backend(spec, current_backend()))
     return nnx.eval_shape(lambda: ResNet(arch, rngs=nnx.Rngs(0)))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MODELS = ("plain", "residual", "preact")
 FAMILIES = ("cifar", "imagenet")
@@ -43,11 +43,12 @@ class ModelSpec:
     family: str = "cifar"
     shortcut: str = "A"
     block: str = "auto"
-    num_classes: int = 10
-    in_channels: int = 3
+    # Taken from the dataset in a training run (not keys of its command).
+    num_classes: int = field(default=10, metadata={"from_data": True})
+    in_channels: int = field(default=3, metadata={"from_data": True})
     zero_init_residual: bool = False
     remat: bool = False
-    dtype: str = "float32"
+    precision: str = "float32"  # activations' dtype (parameters stay float32)
     bn_momentum: float = 0.9  # PyTorch's momentum 0.1 in Flax's convention
     bn_epsilon: float = 1e-5
     # Images per BatchNorm statistics group in training; None: the whole batch. He et al.
@@ -68,6 +69,9 @@ class ModelSpec:
     strided_padding: str = "symmetric"
     # "raw": the unit's input (He 2016 eq. 3); "activated": fb.resnet.torch's shared BN-ReLU.
     preact_first_shortcut: str = "raw"
+
+    def __post_init__(self) -> None:
+        resolve(self)  # a spec that exists is valid: SpecError names what is
 
     def replace(self, **changes) -> ModelSpec:
         """Return a copy with some fields changed."""
@@ -156,7 +160,7 @@ def resolve(spec: ModelSpec) -> Architecture:
     _check_choice("family", spec.family, FAMILIES)
     _check_choice("shortcut", spec.shortcut, SHORTCUTS)
     _check_choice("block", spec.block, BLOCKS)
-    _check_choice("dtype", spec.dtype, DTYPES)
+    _check_choice("precision", spec.precision, DTYPES)
     _check_choice("conv_impl", spec.conv_impl, ("auto", "xla", "fast"))
     _check_choice("stage_loop", spec.stage_loop, ("auto", "scan", "unroll"))
     _check_choice("bottleneck_stride", spec.bottleneck_stride, BOTTLENECK_STRIDES)
@@ -199,6 +203,19 @@ def resolve(spec: ModelSpec) -> Architecture:
         for i, (c, w) in enumerate(zip(counts, IMAGENET_WIDTHS, strict=True))
     )
     return Architecture(spec, block, IMAGENET_WIDTHS[0], stages)
+
+
+def for_backend(spec: ModelSpec, backend: str) -> ModelSpec:
+    """The spec with every "auto" decided for a JAX backend ("cpu", "gpu", "tpu").
+
+    Blocks by depth; the custom-VJP convolution and unrolled stages on CPU (where XLA's
+    convolution gradients and scanned stages are slower, docs/performance.md); XLA's
+    convolutions and scanned stages elsewhere. A run records this resolved spec.
+    """
+    cpu = backend == "cpu"
+    conv_impl = spec.conv_impl if spec.conv_impl != "auto" else ("fast" if cpu else "xla")
+    loop = spec.stage_loop if spec.stage_loop != "auto" else ("unroll" if cpu else "scan")
+    return spec.replace(block=resolve(spec).block, conv_impl=conv_impl, stage_loop=loop)
 
 
 def complete_spec(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,19 +17,24 @@ import numpy as np
 from flax import nnx
 
 from resnet_flax.data import augment as aug
-from resnet_flax.data.config import STREAMED, DataConfig
+from resnet_flax.data.config import DataConfig
 from resnet_flax.models.construct import check_construction, construct, extra_layers
 from resnet_flax.models.resnet import flatten_responses
 from resnet_flax.models.spec import ModelSpec
-from resnet_flax.rundir import CHECKPOINT_DIR, RUN_CONFIG_FILE, read_json, read_summary
+from resnet_flax.rundir import (
+    CHECKPOINT_DIR,
+    CONSTRUCTION_FILE,
+    RUN_CONFIG_FILE,
+    read_json,
+    read_summary,
+    write_json,
+)
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like
-from resnet_flax.training.config import ConfigError, TrainerConfig
+from resnet_flax.training.config import ConfigError
 from resnet_flax.training.evaluate import array_eval_batches
 from resnet_flax.training.optim import OptimConfig, make_optimizer
+from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.state import initial_state
-
-if TYPE_CHECKING:
-    from resnet_flax.training.loop import Setup
 
 log = logging.getLogger(__name__)
 
@@ -59,41 +63,24 @@ def has_checkpoint(run_dir: Path) -> bool:
     return ckpt.is_dir() and any(p.is_dir() and p.name.isdigit() for p in ckpt.iterdir())
 
 
-def check_source(
-    init_from: str, spec: ModelSpec, data_cfg: DataConfig, trainer: TrainerConfig
-) -> SourceRun:
-    """The source run of `init_from`, checked against this run (completed `spec`) before
+def check_source(init_from: str, spec: ModelSpec, data_cfg: DataConfig) -> SourceRun:
+    """The source run of `init_from`, checked against this run (its completed `spec`) before
     anything compiles; ConfigError or SpecError in one line otherwise."""
-    if trainer.vmap_seeds != 1:
-        raise ConfigError(
-            f"init_from starts one seed from one trained run; got trainer.vmap_seeds="
-            f"{trainer.vmap_seeds}: set trainer.vmap_seeds=1"
-        )
-    if data_cfg.name in STREAMED:
-        raise ConfigError(
-            f"init_from needs an in-memory dataset (the construction passes over the whole "
-            f"training set); {data_cfg.name!r} is streamed"
-        )
     run_dir = Path(init_from)
-    cfg = read_json(run_dir / RUN_CONFIG_FILE)
-    if not cfg:
+    raw = read_json(run_dir / RUN_CONFIG_FILE)
+    if not raw:
         raise ConfigError(
             f"init_from={init_from} is not a training run directory (no {RUN_CONFIG_FILE}); "
             "give the directory of a trained run"
         )
-    source = SourceRun(
-        run_dir,
-        ModelSpec(**cfg["model"]),
-        OptimConfig.from_dict(cfg["optim"]),
-        int(cfg["info"]["seed"]),
-    )
+    cfg = RunConfig.from_dict(raw)
+    source = SourceRun(run_dir, cfg.model, cfg.optim, cfg.info.seed)
     check_construction(source.spec, spec)
-    source_data = DataConfig.from_dict(cfg["data"])
-    for field in SAME_DATA:
-        theirs, ours = getattr(source_data, field), getattr(data_cfg, field)
+    for name in SAME_DATA:
+        theirs, ours = getattr(cfg.dataset, name), getattr(data_cfg, name)
         if theirs != ours:
             raise ConfigError(
-                f"init_from={init_from} trained with dataset.{field}={theirs!r}, this run has "
+                f"init_from={init_from} trained with dataset.{name}={theirs!r}, this run has "
                 f"{ours!r}: a constructed net keeps its source's error only on the same data"
             )
     if not has_checkpoint(run_dir):
@@ -185,36 +172,21 @@ def _as_states(like: tuple[nnx.State, nnx.State], params: dict, stats: dict) -> 
     return tuple(out)
 
 
-def start_state(run: Setup, run_dir: Path, start: int, state: dict) -> tuple[dict, dict]:
-    """(state, summary fields) of a run: constructed from run.origin when it starts at 0.
+def write_construction(run_dir: Path, source: SourceRun, step: int, loss: float, error: float):
+    """Record where a constructed run started: its source and the constructed training error."""
+    record = {
+        "init_from": str(source.run_dir),
+        "init_from_depth": source.spec.depth,
+        "init_from_iteration": step,
+        "initial_train_error": error,
+        "initial_train_loss": loss,
+    }
+    write_json(Path(run_dir) / CONSTRUCTION_FILE, record)
 
-    A resumed run keeps its own checkpoint and the construction's fields from its summary.
-    """
-    source = run.origin
-    if source is None:
-        return state, {}
-    fields = {"init_from": str(source.run_dir), "init_from_depth": source.spec.depth}
-    if start > 0:
-        previous = read_summary(run_dir)
-        kept = ("init_from_iteration", "initial_train_error", "initial_train_loss")
-        return state, {**fields, **{k: previous.get(k) for k in kept}}
-    step, src_params, src_stats = restore_source(source, run.source.order_len)
-    data = run.source.data
-    params, stats = construct_state(
-        run.graphdef,
-        (state["params"], state["batch_stats"]),
-        (src_params, src_stats),
-        (source.spec, run.spec),
-        data.x_train,
-        *run.source.stats,
-        batch=run.source.eval_batch_size,
-    )
-    state = run.group.replicate({**state, "params": params, "batch_stats": stats}, run.mesh)
-    loss, error = run.source.evaluate(run.program, state, "train")
-    check_reproduced(source, step, float(error), len(data.x_train))
-    initial = {"initial_train_error": float(error), "initial_train_loss": float(loss)}
-    log.info("constructed %s from %s: training error %.4f", run.spec.depth, source.run_dir, error)
-    return state, {**fields, "init_from_iteration": step, **initial}
+
+def construction_fields(run_dir: Path) -> dict:
+    """The summary fields of a constructed run ({} for a run trained from scratch)."""
+    return read_json(Path(run_dir) / CONSTRUCTION_FILE)
 
 
 def check_reproduced(source: SourceRun, step: int, error: float, n_train: int) -> None:

@@ -2,117 +2,53 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-from flax import nnx
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from resnet_flax.data.memory import DataConfig, Dataset
+from resnet_flax.backend import current_backend
+from resnet_flax.data.memory import Dataset
 from resnet_flax.data.stream import Stream
-from resnet_flax.models.spec import ModelSpec, complete_spec
 from resnet_flax.rundir import RunStatus, git_commit, library_versions
-from resnet_flax.training.config import (
-    RunInfo,
-    TrainerConfig,
-    check_trainer,
-    compiler_options,
-    resolve_loop,
-)
-from resnet_flax.training.construction import SourceRun, check_source, start_state
-from resnet_flax.training.optim import OptimConfig, make_optimizer, make_schedule
+from resnet_flax.training.construction import has_checkpoint
 from resnet_flax.training.preemption import RunInterrupted, StopRequests
+from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.runtime import make_mesh
 from resnet_flax.training.seeds import SeedGroup
-from resnet_flax.training.sources import MemorySource, StreamSource, make_source, open_data
-from resnet_flax.training.steps import Program, Recipe, eval_sums
+from resnet_flax.training.setup import Setup, construct_start, set_up
+from resnet_flax.training.sources import DataSource, open_data
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Setup:
-    """A run ready to train: its network, seeds, data source, compiled program and state."""
-
-    spec: ModelSpec
-    trainer: TrainerConfig
-    mesh: Mesh
-    source: MemorySource | StreamSource
-    group: SeedGroup
-    graphdef: nnx.GraphDef
-    program: Program
-    state: dict
-    param_count: int
-    origin: SourceRun | None = None  # the trained run a constructed net starts from
-
-
-def set_up(
-    spec: ModelSpec,
-    data: Dataset | Stream,
-    data_cfg: DataConfig,
-    optim: OptimConfig,
-    trainer: TrainerConfig,
-    seed: int = 0,
-    init_from: str | None = None,
-) -> Setup:
-    """Check everything, build the initial state(s) and the program, put the data on device.
-
-    trainer.vmap_seeds = k > 1 stacks seeds seed .. seed+k-1 into one state and program.
-    init_from: a trained run directory the net is constructed from (training.construction).
-    Every check runs here, before anything compiles.
-    """
-    mesh = make_mesh()
-    check_trainer(trainer, mesh.size)
-    source = make_source(data, data_cfg, trainer, mesh)
-    spec = complete_spec(spec, source.num_classes, source.image_shape[-1], trainer.batch_size)
-    origin = check_source(init_from, spec, data_cfg, trainer) if init_from else None
-    trainer = dataclasses.replace(trainer, eval_batch_size=source.eval_batch_size)
-    group = SeedGroup(seed, trainer.vmap_seeds)
-    tx = make_optimizer(optim)
-    graphdef, state, param_count = group.initial_state(spec, tx, source.order_len, mesh)
-    recipe = Recipe(graphdef, optim, tx, make_schedule(optim, trainer.iterations))
-    step = group.vmap_step(source.train_step(recipe))
-    evaluate = group.vmap_eval(functools.partial(eval_sums, graphdef))
-    program = Program(step, evaluate, resolve_loop(trainer.step_loop), compiler_options(trainer))
-    return Setup(spec, trainer, mesh, source, group, graphdef, program, state, param_count, origin)
-
-
-def train(
-    run_dir: str | Path,
-    spec: ModelSpec,
-    data_cfg: DataConfig,
-    optim: OptimConfig,
-    trainer: TrainerConfig,
-    info: RunInfo,
-    dataset: Dataset | Stream | None = None,
-) -> dict:
+def train(run_dir: str | Path, cfg: RunConfig, dataset: Dataset | Stream | None = None) -> dict:
     """Train (or resume) one run into run_dir and return its summary.
 
     With trainer.vmap_seeds = k > 1, seeds info.seed .. info.seed+k-1 train as one compiled
     program, each into run_dir/seed_<s>; the return value then holds every seed's summary
-    under "runs". Bad configurations raise before anything compiles. A non-finite loss ends
-    a run with status RunStatus.DIVERGED (returned, not raised) so a sweep can go on. A stop
-    signal (preemption.STOP_SIGNALS) ends the chunk, checkpoints, records the run as
-    interrupted and raises RunInterrupted; the same call again resumes it.
+    under "runs". A non-finite loss ends a run with status RunStatus.DIVERGED (returned, not
+    raised) so a sweep can go on. A stop signal (preemption.STOP_SIGNALS) ends the chunk,
+    checkpoints, records the run as interrupted and raises RunInterrupted; the same call
+    again resumes it. An init_from run first writes its constructed net as checkpoint 0.
     """
     run_dir = Path(run_dir)
-    data = dataset if dataset is not None else open_data(data_cfg, trainer, info.seed)
-    run = set_up(spec, data, data_cfg, optim, trainer, info.seed, info.init_from)
-    trainer, source, group, program = run.trainer, run.source, run.group, run.program
-    warn_if_vmapped_on_cpu(group)
-    start, state = group.restore(run_dir, run.state, trainer.keep_checkpoints, run.mesh)
-    state, origin_fields = start_state(run, run_dir, start, state)  # init_from: constructed
-    parts = {"model": run.spec, "data": data_cfg, "optim": optim, "trainer": trainer}
-    config = {name: dataclasses.asdict(part) for name, part in parts.items()}
+    data = dataset if dataset is not None else open_data(cfg.dataset, cfg.trainer, cfg.info.seed)
+    run = set_up(cfg, data, make_mesh())
+    if run.constructed_from is not None and not has_checkpoint(run_dir):
+        construct_start(run, run_dir)
+    warn_if_vmapped_on_cpu(run.group)
     writer = jax.process_index() == 0  # one process of a multi-host job writes the records
-    fields = {**run_fields(run, info), **origin_fields}
-    group.open_records(run_dir, start, info, fields, config, writer)
+    records = run.group.records(run_dir, run.state, run.cfg, run_fields(run), run.mesh, writer)
+    with records as (start, state):
+        return train_from(run, run_dir, start, state)
+
+
+def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
+    """The loop from iteration `start`: chunks, logs, evaluations, checkpoints, the summary."""
+    trainer, source, group, program = run.cfg.trainer, run.source, run.group, run.program
     source.start(start)
     bar = progress_bar(run, start)
     t_start, train_s, iteration, stopped = time.perf_counter(), 0.0, start, None
@@ -152,7 +88,6 @@ def train(
         finally:
             bar.close()
             source.close()
-            group.close_checkpoints()
     if stopped is not None and any(r.status == RunStatus.INTERRUPTED for r in group.runs):
         raise RunInterrupted(stopped, iteration, str(run_dir))
     completed = iteration >= trainer.iterations
@@ -183,23 +118,23 @@ def evaluate_all(run: Setup, state: dict, splits: tuple[str, ...]) -> dict[str, 
     return {split: run.source.evaluate(run.program, state, split) for split in splits}
 
 
-def epoch_line(iteration: int, source: MemorySource | StreamSource) -> dict:
+def epoch_line(iteration: int, source: DataSource) -> dict:
     """The position fields every metrics line starts with."""
     return {"iteration": iteration, "epoch": iteration / source.steps_per_epoch}
 
 
-def run_fields(run: Setup, info: RunInfo) -> dict:
+def run_fields(run: Setup) -> dict:
     """The summary.json fields that identify a run and where it ran."""
-    spec, source = run.spec, run.source
+    spec, source = run.cfg.model, run.source
     return {
-        "experiment": info.experiment,
+        "experiment": run.cfg.info.experiment_name,
         "model": spec.model,
         "depth": spec.depth,
         "shortcut": spec.shortcut,
         "family": spec.family,
         "dataset": source.name,
         "param_count": run.param_count,
-        "batch_size": run.trainer.batch_size,
+        "batch_size": run.cfg.trainer.batch_size,
         "device_kind": jax.devices()[0].device_kind,
         "device_count": run.mesh.size,
         "process_count": jax.process_count(),
@@ -214,10 +149,10 @@ def progress_bar(run: Setup, start: int) -> tqdm:
     """A tqdm bar over the run's iterations (off with trainer.progress=false)."""
     seeds = ",".join(map(str, run.group.seeds))
     return tqdm(
-        total=run.trainer.iterations,
+        total=run.cfg.trainer.iterations,
         initial=start,
-        disable=not run.trainer.progress,
-        desc=f"{run.spec.model}-{run.spec.depth} seed {seeds}",
+        disable=not run.cfg.trainer.progress,
+        desc=f"{run.cfg.model.model}-{run.cfg.model.depth} seed {seeds}",
         unit="it",
         dynamic_ncols=True,
     )
@@ -225,7 +160,7 @@ def progress_bar(run: Setup, start: int) -> tqdm:
 
 def warn_if_vmapped_on_cpu(group: SeedGroup) -> None:
     """Say once that a seed group on CPU is slower than separate runs."""
-    if group.stacked and jax.default_backend() == "cpu":
+    if group.stacked and current_backend() == "cpu":
         log.warning(
             "vmap_seeds=%d on CPU: vmapped convolutions become grouped convolutions, which "
             "XLA:CPU runs several times slower per image than separate runs; seed groups "

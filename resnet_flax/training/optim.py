@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from resnet_flax.training.config import ConfigError
 
 SCHEDULES = ("multistep", "cosine", "constant")
 
@@ -32,17 +32,17 @@ class OptimConfig:
     warmup_until_error: float | None = None
     warmup_iterations: int = 0
 
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> OptimConfig:
-        """An OptimConfig from a plain dict: Hydra's optim node or run_config.json's "optim"."""
-        boundaries = tuple(int(b) for b in fields.get("boundaries") or ())
-        return cls(**{**fields, "boundaries": boundaries})
+    def __post_init__(self) -> None:
+        # A list from YAML or JSON is the same recipe as a tuple: store one form.
+        object.__setattr__(self, "boundaries", tuple(int(b) for b in self.boundaries or ()))
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}"
+            )
 
 
 def make_schedule(cfg: OptimConfig, total_iterations: int) -> optax.Schedule:
     """The base learning-rate schedule as an optax schedule of the iteration."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {cfg.schedule!r}")
     warm = cfg.linear_warmup_iterations
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(

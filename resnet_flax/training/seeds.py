@@ -7,10 +7,11 @@ diverges. The loop talks to the group the same way in both cases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_flax.models.counts import count_params
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.rundir import (
+    CHECKPOINT_DIR,
     RUN_CONFIG_FILE,
     SEED_GROUP_MARKER,
     RunRecorder,
@@ -32,6 +34,8 @@ from resnet_flax.rundir import (
 )
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like, restore_common
 from resnet_flax.training.config import RunInfo
+from resnet_flax.training.construction import construction_fields
+from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.state import SEED_AXES, initial_state, seed_state, stack_seeds
 
 log = logging.getLogger(__name__)
@@ -39,9 +43,7 @@ log = logging.getLogger(__name__)
 
 def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
     """Where each seed writes: run_dir itself, or run_dir/seed_<s> when seeds train together."""
-    if len(seeds) == 1:
-        return [Path(run_dir)]
-    return [Path(run_dir) / f"seed_{s}" for s in seeds]
+    return seed_axis(seeds[0], len(seeds)).run_dirs(run_dir)
 
 
 @dataclass
@@ -73,11 +75,102 @@ class SeedRun:
         self.recorder.write_summary({**self.base_summary, **status, **fields})
 
 
+class OneSeed:
+    """One seed: the program's state is the seed's state; nothing is vmapped."""
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = seeds
+
+    def stack(self, states: list[dict]) -> dict:
+        """The program's state from per-seed states."""
+        return states[0]
+
+    def unstack(self, state: dict) -> list[dict]:
+        """Per-seed states of the program's state."""
+        return [state]
+
+    def vmap_step(self, step: Callable) -> Callable:
+        """The step as the program runs it."""
+        return step
+
+    def vmap_eval(self, evaluate: Callable) -> Callable:
+        """eval_sums as the program runs it."""
+        return evaluate
+
+    def per_seed(self, value) -> list[np.ndarray]:
+        """A metric or evaluation result as one value per seed."""
+        return [np.asarray(value)]
+
+    def run_dirs(self, run_dir: Path) -> list[Path]:
+        """Where each seed writes: the run directory itself."""
+        return [Path(run_dir)]
+
+    def mark(self, run_dir: Path) -> None:
+        """Nothing marks a single run."""
+
+    def result(self, summaries: list[dict]) -> dict:
+        """The job's summary: the run's own."""
+        return summaries[0]
+
+
+class StackedSeeds(OneSeed):
+    """k > 1 seeds as one vmapped program, each into run_dir/seed_<s>."""
+
+    def stack(self, states: list[dict]) -> dict:
+        """The program's state from per-seed states."""
+        return stack_seeds(states)
+
+    def unstack(self, state: dict) -> list[dict]:
+        """Per-seed states of the program's state."""
+        return [seed_state(state, k) for k in range(len(self.seeds))]
+
+    def vmap_step(self, step: Callable) -> Callable:
+        """The step over every seed at once: data shared, everything else per seed."""
+        # The step count is shared, so the epoch-start cond stays a cond (not a select).
+        return jax.vmap(step, in_axes=(SEED_AXES, None), out_axes=(SEED_AXES, 0))
+
+    def vmap_eval(self, evaluate: Callable) -> Callable:
+        """eval_sums over every seed's parameters and statistics, the batch shared."""
+        return jax.vmap(evaluate, in_axes=(0, 0) + (None,) * 5)
+
+    def per_seed(self, value) -> list[np.ndarray]:
+        """A metric or evaluation result split into one value per seed (seed axis last)."""
+        value = np.asarray(value)
+        return [value[..., k] for k in range(len(self.seeds))]
+
+    def run_dirs(self, run_dir: Path) -> list[Path]:
+        """Where each seed writes: run_dir/seed_<s>."""
+        return [Path(run_dir) / f"seed_{s}" for s in self.seeds]
+
+    def mark(self, run_dir: Path) -> None:
+        """Write the marker that makes run_dir a seed group, not a run."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = {"seeds": self.seeds, "run_dirs": [d.name for d in self.run_dirs(run_dir)]}
+        write_json(run_dir / SEED_GROUP_MARKER, marker)
+
+    def result(self, summaries: list[dict]) -> dict:
+        """The job's summary: every seed's, completed only when all are."""
+        done = all(s["status"] == RunStatus.COMPLETED for s in summaries)
+        status = RunStatus.COMPLETED if done else RunStatus.DIVERGED
+        return {"status": status, "seeds": self.seeds, "runs": summaries}
+
+
+def seed_axis(first_seed: int, count: int) -> OneSeed:
+    """The seeds first_seed .. first_seed+count-1 as the program holds them."""
+    seeds = [first_seed + k for k in range(count)]
+    return StackedSeeds(seeds) if count > 1 else OneSeed(seeds)
+
+
 class SeedGroup:
-    """Seeds first_seed .. first_seed+count-1 trained as one program (one seed: no stacking)."""
+    """Seeds first_seed .. first_seed+count-1 trained as one program (one seed: no stacking).
+
+    `records(...)` opens the group's checkpoints and records for a run directory; inside it
+    the loop logs, saves and finishes through the group.
+    """
 
     def __init__(self, first_seed: int, count: int):
-        self.seeds = [first_seed + k for k in range(count)]
+        self.axis = seed_axis(first_seed, count)
+        self.seeds = self.axis.seeds
         self.stacked = count > 1
         self.runs: list[SeedRun] = []
         self.saved_at: int | None = None  # the iteration of the last checkpoint
@@ -91,15 +184,7 @@ class SeedGroup:
             states.append(state)
         first = states[0]
         params = count_params(nnx.merge(graphdef, first["params"], first["batch_stats"]))
-        return graphdef, self.replicate(self.stack(states), mesh), params
-
-    def stack(self, states: list[dict]) -> dict:
-        """The program's state from per-seed states."""
-        return stack_seeds(states) if self.stacked else states[0]
-
-    def unstack(self, state: dict) -> list[dict]:
-        """Per-seed states of the program's state."""
-        return [seed_state(state, k) for k in range(len(self.seeds))] if self.stacked else [state]
+        return graphdef, self.replicate(self.axis.stack(states), mesh), params
 
     @staticmethod
     def replicate(state: dict, mesh: Mesh) -> dict:
@@ -107,53 +192,49 @@ class SeedGroup:
         return jax.device_put(state, NamedSharding(mesh, P()))
 
     def vmap_step(self, step: Callable) -> Callable:
-        """The step over every seed at once: data shared, everything else per seed."""
-        if not self.stacked:
-            return step
-        # The step count is shared, so the epoch-start cond stays a cond (not a select).
-        return jax.vmap(step, in_axes=(SEED_AXES, None), out_axes=(SEED_AXES, 0))
+        """The step over every seed of the group."""
+        return self.axis.vmap_step(step)
 
     def vmap_eval(self, evaluate: Callable) -> Callable:
-        """eval_sums over every seed's parameters and statistics, the batch shared."""
-        return jax.vmap(evaluate, in_axes=(0, 0) + (None,) * 5) if self.stacked else evaluate
+        """eval_sums over every seed of the group."""
+        return self.axis.vmap_eval(evaluate)
 
     def per_seed(self, value) -> list[np.ndarray]:
-        """A metric or evaluation result split into one value per seed (seed axis last)."""
-        value = np.asarray(value)
-        return [value[..., k] for k in range(len(self.seeds))] if self.stacked else [value]
+        """A metric or evaluation result split into one value per seed."""
+        return self.axis.per_seed(value)
 
     # --- the records ----------------------------------------------------------------------
-    def restore(self, run_dir: Path, state: dict, keep: int, mesh: Mesh) -> tuple[int, dict]:
+    @contextlib.contextmanager
+    def records(self, run_dir: Path, state: dict, cfg: RunConfig, fields: dict, mesh: Mesh,
+                writer: bool) -> Iterator[tuple[int, dict]]:  # fmt: skip
+        """Open every seed's checkpoints and records; yield (start iteration, state).
+
+        Resumes from the newest checkpoint every seed has ((0, state) when none); records start
+        there. One process (`writer`) writes the files. Pending checkpoint writes finish on exit.
+        """
+        dirs = self.axis.run_dirs(run_dir)
+        keep = cfg.trainer.keep_checkpoints
+        checkpointers = [Checkpointer(d / CHECKPOINT_DIR, keep=keep) for d in dirs]
+        try:
+            start, state = self._restore(run_dir, checkpointers, state, mesh)
+            if writer:
+                self.axis.mark(run_dir)
+            for seed, d, ckpt in zip(self.seeds, dirs, checkpointers, strict=True):
+                self.runs.append(open_seed_run(d, ckpt, cfg, seed, start, fields, writer))
+            yield start, state
+        finally:
+            for checkpointer in checkpointers:
+                checkpointer.close()
+
+    def _restore(self, run_dir: Path, checkpointers: list, state: dict, mesh: Mesh) -> tuple:
         """(iteration, state) of the newest checkpoint every seed has; (0, state) if none."""
-        dirs = seed_run_dirs(run_dir, self.seeds)
-        self._checkpointers = [Checkpointer(d / "checkpoints", keep=keep) for d in dirs]
-        restored = restore_common(self._checkpointers, abstract_like(self.unstack(state)[0]))
+        restored = restore_common(checkpointers, abstract_like(self.axis.unstack(state)[0]))
         if restored is None:
             return 0, state
         start, states = restored
         self.saved_at = start
         log.info("resuming %s from iteration %d", run_dir, start)
-        return start, self.replicate(self.stack(states), mesh)
-
-    def open_records(self, run_dir: Path, start: int, info: RunInfo, fields: dict,
-                     run_config: dict, writer: bool) -> None:  # fmt: skip
-        """Start each seed's records at `start`; one process (`writer`) writes the files."""
-        dirs = seed_run_dirs(run_dir, self.seeds)
-        if self.stacked and writer:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            marker = {"seeds": self.seeds, "run_dirs": [d.name for d in dirs]}
-            write_json(run_dir / SEED_GROUP_MARKER, marker)
-        for seed, d, ckpt in zip(self.seeds, dirs, self._checkpointers, strict=True):
-            seed_info = dataclasses.replace(info, seed=seed)
-            recorder = RunRecorder(d, resume_from=start, write=writer)
-            if writer:
-                config = {**run_config, "info": dataclasses.asdict(seed_info)}
-                write_json(d / RUN_CONFIG_FILE, config)
-            previous = read_summary(d)
-            wall_before = previous.get("wall_time_s", 0.0) if start > 0 else 0.0
-            run = SeedRun(seed_info, d, recorder, ckpt, {**fields, "seed": seed}, wall_before)
-            run.write_status(start)
-            self.runs.append(run)
+        return start, self.replicate(self.axis.stack(states), mesh)
 
     @property
     def running(self) -> bool:
@@ -209,7 +290,7 @@ class SeedGroup:
         """Checkpoint every seed still running (once per iteration)."""
         if iteration == self.saved_at:
             return
-        for run, seed_state_ in zip(self.runs, self.unstack(state), strict=True):
+        for run, seed_state_ in zip(self.runs, self.axis.unstack(state), strict=True):
             if run.running:
                 run.checkpointer.save(iteration, seed_state_)
         self.saved_at = iteration
@@ -240,11 +321,6 @@ class SeedGroup:
                 run.status, run.message = status, message
                 run.write_status(iteration)
 
-    def close_checkpoints(self) -> None:
-        """Finish pending checkpoint writes."""
-        for checkpointer in self._checkpointers:
-            checkpointer.close()
-
     def finish(self, iteration: int, steps_per_epoch: int, final: dict, timing: dict) -> dict:
         """Write every seed's final summary.json; one seed's summary, or the group's.
 
@@ -273,11 +349,22 @@ class SeedGroup:
             run.recorder.write_summary(summary)
             run.recorder.close()
             summaries.append(summary)
-        if not self.stacked:
-            return summaries[0]
-        done = all(s["status"] == RunStatus.COMPLETED for s in summaries)
-        status = RunStatus.COMPLETED if done else RunStatus.DIVERGED
-        return {"status": status, "seeds": self.seeds, "runs": summaries}
+        return self.axis.result(summaries)
+
+
+def open_seed_run(run_dir: Path, checkpointer: Checkpointer, cfg: RunConfig, seed: int,
+                  start: int, fields: dict, writer: bool) -> SeedRun:  # fmt: skip
+    """One seed's records from `start` on: run_config.json, metrics kept up to start, status."""
+    seed_cfg = cfg.replace(info=dataclasses.replace(cfg.info, seed=seed))
+    recorder = RunRecorder(run_dir, resume_from=start, write=writer)
+    if writer:
+        write_json(run_dir / RUN_CONFIG_FILE, seed_cfg.to_dict())
+    previous = read_summary(run_dir)
+    wall_before = previous.get("wall_time_s", 0.0) if start > 0 else 0.0
+    base = {**fields, **construction_fields(run_dir), "seed": seed}
+    run = SeedRun(seed_cfg.info, run_dir, recorder, checkpointer, base, wall_before)
+    run.write_status(start)
+    return run
 
 
 def final_numbers(history: list[dict], steps_per_epoch: int, iteration: int) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -41,6 +42,41 @@ def open_data(data_cfg: DataConfig, trainer: TrainerConfig, seed: int) -> Datase
         eval_batch = global_eval_batch(trainer, jax.device_count())
         return open_stream(data_cfg, trainer.batch_size, eval_batch, seed)
     return load_dataset(data_cfg)
+
+
+class DataSource(Protocol):
+    """Where the loop gets its batches from; MemorySource and StreamSource implement it."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple
+    n_train: int
+    steps_per_epoch: int
+    order_len: int  # length of the data order the training state carries
+    eval_batch_size: int
+    eval_splits: tuple[str, ...]  # evaluated every trainer.eval_every iterations
+    final_splits: tuple[str, ...]  # evaluated once, in eval mode, when the run completes
+    summary_fields: dict
+    stats: tuple  # (mean, std) on the devices
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds the loop has waited for input."""
+
+    def train_step(self, recipe: Recipe) -> Callable:
+        """The pure training step over this source's batches."""
+
+    def start(self, step: int) -> None:
+        """Begin delivering batches at `step`."""
+
+    def run_chunk(self, program: Program, state: dict, length: int) -> tuple[dict, dict]:
+        """`length` training steps: (state, per-step metrics)."""
+
+    def evaluate(self, program: Program, state: dict, split: str) -> tuple:
+        """Mean loss and error of `state` on a split."""
+
+    def close(self) -> None:
+        """Release what the source holds."""
 
 
 class _Source:
@@ -170,7 +206,7 @@ class StreamSource(_Source):
 
 def make_source(
     data: Dataset | Stream, cfg: DataConfig, trainer: TrainerConfig, mesh: Mesh
-) -> MemorySource | StreamSource:
+) -> DataSource:
     """The source for loaded data: in-memory splits or a stream."""
     if isinstance(data, Dataset):
         return MemorySource(data, cfg, trainer, mesh)
