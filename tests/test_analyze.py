@@ -11,6 +11,7 @@ from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.config import RunInfo, TrainerConfig
 from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
 
 
 def test_analysis_of_a_trained_run(tmp_path):
@@ -25,11 +26,13 @@ def test_analysis_of_a_trained_run(tmp_path):
     run = tmp_path / "model=residual,depth=8,seed=0"
     train(
         run,
-        ModelSpec(depth=8),
-        DataConfig(name="digits"),
-        OptimConfig(lr=0.05),
-        trainer,
-        RunInfo("t", 0),
+        RunConfig(
+            ModelSpec(depth=8),
+            DataConfig(name="digits"),
+            OptimConfig(lr=0.05),
+            trainer,
+            RunInfo("t", 0),
+        ),
     )
     result = analyze_run(run, grad_batch=64)
     saved = json.loads((run / "analysis.json").read_text())
@@ -66,7 +69,10 @@ def test_analysis_refuses_an_older_checkpoint_unless_allowed(tmp_path, capsys, c
     )
     run = tmp_path / "run"
     train(
-        run, ModelSpec(depth=8), DataConfig(name="digits"), OptimConfig(), trainer, RunInfo("t", 0)
+        run,
+        RunConfig(
+            ModelSpec(depth=8), DataConfig(name="digits"), OptimConfig(), trainer, RunInfo("t", 0)
+        ),
     )
     shutil.rmtree(run / "checkpoints" / "10")  # the final state is lost; iteration 5 remains
     older = r"iteration 5, older than iteration 10 in summary.json.*--allow-older-checkpoint"

@@ -23,6 +23,7 @@ from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
 from resnet_flax.training.construction import construct_state
 from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
 
 PAIRS = [(8, 14), (8, 20), (14, 20)]
 IMAGES = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1)).astype(np.uint8)
@@ -137,7 +138,7 @@ def plain_8(tmp_path_factory):
     """A plain-8 run directory trained for 10 iterations on digits."""
     run_dir = tmp_path_factory.mktemp("plain_8")
     spec = ModelSpec(model="plain", depth=8)
-    summary = train(run_dir, spec, DIGITS, RECIPE, SOURCE_TRAINER, RunInfo("t", 0))
+    summary = train(run_dir, RunConfig(spec, DIGITS, RECIPE, SOURCE_TRAINER, RunInfo("t", 0)))
     return run_dir, summary
 
 
@@ -147,7 +148,7 @@ def test_constructed_run_starts_at_its_sources_training_error(tmp_path, plain_8,
     source_dir, source = plain_8
     target = ModelSpec(model="plain", depth=14)
     info = RunInfo("t", 1, init_from=str(source_dir))
-    summary = train(tmp_path, target, DIGITS, RECIPE, TARGET_TRAINER, info)
+    summary = train(tmp_path, RunConfig(target, DIGITS, RECIPE, TARGET_TRAINER, info))
     assert summary["status"] == "completed"
     assert summary["init_from"] == str(source_dir) and summary["init_from_depth"] == 8
     assert summary["init_from_iteration"] == 10
@@ -161,7 +162,7 @@ def test_constructed_run_starts_at_its_sources_training_error(tmp_path, plain_8,
         raise AssertionError("a resumed run must restore its own checkpoint")
 
     monkeypatch.setattr(construction, "construct_state", fail)
-    again = train(tmp_path, target, DIGITS, RECIPE, TARGET_TRAINER, info)
+    again = train(tmp_path, RunConfig(target, DIGITS, RECIPE, TARGET_TRAINER, info))
     assert again["initial_train_error"] == summary["initial_train_error"]
 
 
@@ -200,7 +201,9 @@ def test_bad_init_from_fails_before_the_run_starts(tmp_path, plain_8, case):
         spec = ModelSpec(model="residual", depth=14)
     run_dir = tmp_path / "target"
     with pytest.raises(error, match=message) as err:
-        train(run_dir, spec, DIGITS, RECIPE, trainer, RunInfo("t", 0, init_from=init_from))
+        train(
+            run_dir, RunConfig(spec, DIGITS, RECIPE, trainer, RunInfo("t", 0, init_from=init_from))
+        )
     assert "\n" not in str(err.value)
     assert not run_dir.exists()
 

@@ -21,6 +21,7 @@ from resnet_flax.rundir import read_metrics
 from resnet_flax.training.config import RunInfo, TrainerConfig
 from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelSpec(model="residual", depth=8)
@@ -61,7 +62,9 @@ def run(run_dir: str, mode: str, data_dir: str, iterations: int) -> dict:
     """Train one run of the mode ('stream': one seed; 'group': two vmapped seeds)."""
     seeds = 2 if mode == "group" else 1
     trainer = dataclasses.replace(TRAINER, iterations=iterations, vmap_seeds=seeds)
-    return train(run_dir, TINY, data_config(mode, data_dir), RECIPE, trainer, RunInfo("t", 3))
+    return train(
+        run_dir, RunConfig(TINY, data_config(mode, data_dir), RECIPE, trainer, RunInfo("t", 3))
+    )
 
 
 def on_eight_devices(run_dir: Path, mode: str, data_dir: str) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -9,13 +10,16 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from experiments import config as exp_config
-from experiments.config import completed_summary, pin_gpu, remove_if_empty, to_library
+from experiments import schema
 from resnet_flax.data.config import DATASETS, STREAMED, DataConfig, StreamConfig
 from resnet_flax.models.spec import ModelSpec, SpecError, resolve
+from resnet_flax.training import devices
 from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
-from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.devices import pin_gpu
+from resnet_flax.training.job import completed_summary, remove_if_empty
+from resnet_flax.training.run_config import RunConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 DESIGN = CONF.parent / "docs" / "design.md"
@@ -39,6 +43,12 @@ def hydra_context():
 def make_cfg(*overrides: str, hydra_cfg: bool = False):
     """Compose conf/config.yaml with overrides (and the hydra node when asked)."""
     return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def to_library(cfg) -> tuple:
+    """(model, dataset, optim, trainer, info) of the RunConfig of a composed config."""
+    run = schema.run_config(cfg)
+    return run.model, run.dataset, run.optim, run.trainer, run.info
 
 
 def sweep_jobs(cfg) -> list[list[str]]:
@@ -66,13 +76,52 @@ def test_defaults_are_the_paper_recipe_and_the_library_defaults():
     cfg = make_cfg()
     assert_paper_recipe(cfg)
     assert (cfg.model, cfg.depth, cfg.shortcut, cfg.family) == ("residual", 20, "A", "cifar")
-    spec, data_cfg, optim, trainer, info = to_library(cfg)
-    assert spec == ModelSpec()
-    assert data_cfg == DataConfig()
-    assert optim == OptimConfig()
-    assert (trainer.iterations, trainer.batch_size) == (64_000, 128)
-    assert trainer.eval_every % trainer.log_every == 0
-    assert info == RunInfo(experiment="default", seed=0)
+    # Fails when a YAML file restates a default that the dataclass declares differently
+    # (trainer.eval_every was 1000 in YAML and 2000 in the dataclass).
+    run = schema.run_config(cfg)
+    cache = run.info.compilation_cache_dir
+    assert run == RunConfig(info=RunInfo(compilation_cache_dir=cache))
+    assert run.trainer.eval_every == 1000 and run.trainer.eval_every % run.trainer.log_every == 0
+
+
+def test_the_schema_is_generated_from_the_dataclasses():
+    # Fails when a dataclass field is missing from the Hydra schema, or a group's keys are.
+    cfg = make_cfg()
+    for part in (ModelSpec, RunInfo):
+        for field in schema.command_fields(part):
+            assert field.name in cfg, field.name
+    assert "num_classes" not in cfg and "in_channels" not in cfg  # taken from the data
+    for group, part in schema.GROUPS.items():
+        assert set(cfg[group]) == {f.name for f in dataclasses.fields(part)}
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [(["no_such_key=1"], "no_such_key"), (["trainer.eval_evry=5"], "trainer.eval_evry")],
+)
+def test_a_misspelt_key_fails_at_composition(overrides, key):
+    with pytest.raises(Exception) as err:
+        make_cfg(*overrides)
+    cause = err.value
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    assert isinstance(cause, OmegaConfBaseException) and cause.full_key == key
+
+
+def test_run_config_json_round_trips(tmp_path):
+    # Fails when a field is lost or comes back with another type (tuple vs list, nested
+    # stream node) between RunConfig and run_config.json.
+    import json
+
+    streamed = make_cfg("dataset=imagenette", "optim=sgd_imagenet_paper", "seed=4")
+    for cfg in (make_cfg("dataset=digits"), streamed):
+        run = schema.run_config(cfg)
+        back = RunConfig.from_dict(json.loads(json.dumps(run.to_dict())))
+        assert back == run
+    with pytest.raises(ConfigError, match=r"unknown trainer key\(s\) iteration"):
+        RunConfig.from_dict({"trainer": {"iteration": 5}})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) data; valid: dataset"):
+        RunConfig.from_dict({"data": {}})
 
 
 def test_to_library_maps_every_override():
@@ -101,7 +150,7 @@ def test_to_library_maps_every_override():
         depth=164,
         shortcut="B",
         block="bottleneck",
-        dtype="bfloat16",
+        precision="bfloat16",
         remat=True,
         zero_init_residual=True,
         conv_impl="xla",
@@ -111,7 +160,7 @@ def test_to_library_maps_every_override():
     assert data_cfg == DataConfig(name="svhn_cropped", validation_size=1000, flip=False)
     assert optim.schedule == "cosine" and optim.boundaries == () and optim.lr == 0.1
     assert trainer == TrainerConfig(iterations=10, eval_every=1000, step_loop="scan")
-    assert info == RunInfo(experiment="x", seed=3)
+    assert (info.experiment_name, info.seed) == ("x", 3)
 
 
 @pytest.mark.parametrize(
@@ -162,11 +211,12 @@ def test_each_dataset_file_holds_its_mode_only():
         cfg = make_cfg(f"dataset={name}")
         data_cfg = to_library(cfg)[1]
         assert data_cfg.name == name
+        text = (CONF / "dataset" / f"{name}.yaml").read_text()
         if name in STREAMED:
-            assert "crop_padding" not in cfg.dataset and "validation_size" not in cfg.dataset
+            assert "crop_padding" not in text and "validation_size" not in text
             assert data_cfg.stream is not None and data_cfg.normalization == "channel_std"
         else:
-            assert "stream" not in cfg.dataset and data_cfg.stream is None
+            assert "stream" not in text and cfg.dataset.stream is None and data_cfg.stream is None
 
 
 def test_streamed_datasets_map_their_stream_node():
@@ -220,7 +270,7 @@ def test_imagenet_presets_follow_their_recipes():
     assert optim.boundaries == (150_000, 300_000, 450_000)
 
     spec, data_cfg, optim, trainer, _ = to_library(make_cfg("experiment=resnet50_imagenet"))
-    assert (spec.depth, spec.shortcut, spec.dtype) == (50, "B", "bfloat16")
+    assert (spec.depth, spec.shortcut, spec.precision) == (50, "B", "bfloat16")
     assert trainer.iterations == round(100 * 1_281_167 / 256)  # 100 epochs
     assert optim.schedule == "cosine" and optim.lr == pytest.approx(0.1)
     assert optim.linear_warmup_iterations == round(5 * 1_281_167 / 256)
@@ -333,7 +383,7 @@ def test_launchers_compose(monkeypatch):
     cpu = make_cfg("hydra/launcher=cpu_parallel", hydra_cfg=True).hydra.launcher
     assert "JoblibLauncher" in cpu._target_ and cpu.n_jobs == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(exp_config, "usable_cores", lambda: 6)
+    monkeypatch.setattr(devices, "usable_cores", lambda: 6)
     assert make_cfg("hydra/launcher=cpu_parallel", hydra_cfg=True).hydra.launcher.n_jobs == 6
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -343,48 +393,53 @@ def test_launchers_compose(monkeypatch):
 
 
 def test_compilation_cache_dir_is_a_config_key(monkeypatch):
+    def cache_dir(cfg):
+        return schema.run_config(cfg).info.compilation_cache_dir
+
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    default = exp_config.compilation_cache_dir(make_cfg())
-    assert default == str(exp_config.REPO_ROOT / ".jax_cache")
+    assert cache_dir(make_cfg()) == str(schema.ROOT / ".jax_cache")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/somewhere")
-    assert exp_config.compilation_cache_dir(make_cfg()) == "/tmp/somewhere"
-    assert exp_config.compilation_cache_dir(make_cfg("compilation_cache_dir=null")) is None
+    assert cache_dir(make_cfg()) == "/tmp/somewhere"
+    assert cache_dir(make_cfg("compilation_cache_dir=null")) is None
 
 
 def test_pin_gpu_gives_each_worker_its_own_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
-    monkeypatch.setattr(exp_config, "_gpu_lock", None)
+    monkeypatch.setattr(devices, "_gpu_lock", None)
     assert pin_gpu(2, tmp_path) == 0  # job 2 of 2 GPUs -> GPU index 0
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert pin_gpu(7, tmp_path) == 0, "a worker keeps its GPU for later jobs"
-    first_fd = exp_config._gpu_lock[1]
+    first_fd = devices._gpu_lock[1]
     # Another worker (a second lock holder) asking for the same GPU gets the free one.
-    monkeypatch.setattr(exp_config, "_gpu_lock", None)
+    monkeypatch.setattr(devices, "_gpu_lock", None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert pin_gpu(0, tmp_path) == 1
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
-    os.close(exp_config._gpu_lock[1])
+    os.close(devices._gpu_lock[1])
     os.close(first_fd)
 
 
 def test_completed_summary_and_cleanup(tmp_path):
-    trainer = TrainerConfig(iterations=10)
-    assert completed_summary(tmp_path, trainer, 0) is None
+    def job(iterations=10, seeds=1, seed=0):
+        return RunConfig(
+            trainer=TrainerConfig(iterations=iterations, vmap_seeds=seeds), info=RunInfo(seed=seed)
+        )
+
+    assert completed_summary(tmp_path, job()) is None
     (tmp_path / "summary.json").write_text('{"status": "completed", "iterations": 10}')
-    assert completed_summary(tmp_path, trainer, 0)["iterations"] == 10
+    assert completed_summary(tmp_path, job())["iterations"] == 10
     (tmp_path / "summary.json").write_text('{"status": "running", "iterations": 10}')
-    assert completed_summary(tmp_path, trainer, 0) is None
+    assert completed_summary(tmp_path, job()) is None
     # seeds trained together: done when every seed_<s> directory is
-    group = TrainerConfig(iterations=10, vmap_seeds=2)
     for seed in (3, 4):
         (tmp_path / f"seed_{seed}").mkdir()
         (tmp_path / f"seed_{seed}" / "summary.json").write_text(
             '{"status": "completed", "iterations": 10}'
         )
-    assert completed_summary(tmp_path, group, 3)["status"] == "completed"
-    assert completed_summary(tmp_path, group, 2) is None
+    assert completed_summary(tmp_path, job(seeds=2, seed=3))["status"] == "completed"
+    assert completed_summary(tmp_path, job(seeds=2, seed=2)) is None
 
     rejected = tmp_path / "job"
     (rejected / ".hydra").mkdir(parents=True)

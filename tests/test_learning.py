@@ -14,9 +14,11 @@ from flax import nnx
 from resnet_flax.data import augment as aug
 from resnet_flax.data.memory import DataConfig, Dataset, load_dataset
 from resnet_flax.models.spec import ModelSpec
-from resnet_flax.training.config import TrainerConfig
-from resnet_flax.training.loop import Setup, set_up
+from resnet_flax.training.config import RunInfo, TrainerConfig
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
+from resnet_flax.training.runtime import make_mesh
+from resnet_flax.training.setup import Setup, set_up
 
 TINY = ModelSpec(model="residual", depth=8)
 DIGITS = DataConfig(name="digits", crop_padding=0, flip=False)
@@ -124,7 +126,7 @@ def max_difference(actual: dict, expected: dict) -> tuple[float, str]:
 def test_three_steps_equal_hand_computed_sgd_with_momentum_decay_and_warmup(one_batch_digits):
     # Fails when the update's sign flips, momentum is dropped, decay reaches a BN scale or
     # shift or the dense bias, or the lr is read one step early or late (0 at step 0).
-    run = set_up(TINY, one_batch_digits, DIGITS, WARM, SHORT, seed=0)
+    run = set_up(RunConfig(TINY, DIGITS, WARM, SHORT), one_batch_digits, make_mesh())
     params = shifted_params(run)
     template = jax.tree.map(np.array, run.state["params"])  # the program donates its state
     state = {**run.state, "params": as_params(template, params)}
@@ -149,7 +151,8 @@ def test_three_steps_equal_hand_computed_sgd_with_momentum_decay_and_warmup(one_
 def test_decay_all_also_decays_bn_and_biases(one_batch_digits):
     # Fails when decay_all is ignored (only kernels decayed) or decay misses some parameter.
     optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.1, decay_all=True)
-    run = set_up(TINY, one_batch_digits, DIGITS, optim, SHORT, seed=1)
+    cfg = RunConfig(TINY, DIGITS, optim, SHORT, RunInfo(seed=1))
+    run = set_up(cfg, one_batch_digits, make_mesh())
     shifted = shifted_params(run)
     state = {**run.state, "params": as_params(run.state["params"], shifted)}
     batch_stats = jax.tree.map(np.array, state["batch_stats"])

@@ -256,7 +256,7 @@ def test_imagenet_output_shape():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    net = build_model(ModelSpec(depth=8, dtype="bfloat16"))
+    net = build_model(ModelSpec(depth=8, precision="bfloat16"))
     logits, responses = net(jnp.ones((2, 8, 8, 3)), train=True, capture=True)
     assert logits.dtype == jnp.float32
     assert flatten_responses(responses)[0][1].dtype == jnp.bfloat16

@@ -15,6 +15,7 @@ from resnet_flax.rundir import read_metrics
 from resnet_flax.training.config import RunInfo, TrainerConfig
 from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
 
 DIGITS = DataConfig(name="digits", crop_padding=0, flip=False)
 RECIPE = OptimConfig(lr=0.05, boundaries=(15,))
@@ -35,8 +36,8 @@ def test_scanned_stages_and_steps_follow_the_unrolled_python_loop(tmp_path):
     scanned = dataclasses.replace(NET, stage_loop="scan")
     python = dataclasses.replace(CHUNKS, step_loop="python")
     scan = dataclasses.replace(CHUNKS, step_loop="scan")
-    a = train(tmp_path / "a", unrolled, DIGITS, RECIPE, python, RunInfo("t", 1))
-    b = train(tmp_path / "b", scanned, DIGITS, RECIPE, scan, RunInfo("t", 1))
+    a = train(tmp_path / "a", RunConfig(unrolled, DIGITS, RECIPE, python, RunInfo("t", 1)))
+    b = train(tmp_path / "b", RunConfig(scanned, DIGITS, RECIPE, scan, RunInfo("t", 1)))
     assert a["status"] == b["status"] == "completed"
     assert len(curve(tmp_path / "a", "train_loss")) == 3
     np.testing.assert_allclose(
@@ -46,9 +47,9 @@ def test_scanned_stages_and_steps_follow_the_unrolled_python_loop(tmp_path):
 
 
 def test_bfloat16_trains_close_to_float32(tmp_path):
-    f32 = train(tmp_path / "f32", NET, DIGITS, RECIPE, CHUNKS, RunInfo("t", 2))
-    bf16_net = dataclasses.replace(NET, dtype="bfloat16")
-    bf16 = train(tmp_path / "bf16", bf16_net, DIGITS, RECIPE, CHUNKS, RunInfo("t", 2))
+    f32 = train(tmp_path / "f32", RunConfig(NET, DIGITS, RECIPE, CHUNKS, RunInfo("t", 2)))
+    bf16_net = dataclasses.replace(NET, precision="bfloat16")
+    bf16 = train(tmp_path / "bf16", RunConfig(bf16_net, DIGITS, RECIPE, CHUNKS, RunInfo("t", 2)))
     assert bf16["status"] == "completed"
     low, full = curve(tmp_path / "bf16", "train_loss"), curve(tmp_path / "f32", "train_loss")
     # bfloat16 keeps 8 bits of mantissa: close to float32, but not the same numbers
@@ -62,7 +63,9 @@ def test_sgd_updates_lower_the_training_loss(tmp_path):
     trainer = dataclasses.replace(
         CHUNKS, iterations=40, log_every=10, eval_every=40, checkpoint_every=40
     )
-    summary = train(tmp_path, NET, DIGITS, OptimConfig(lr=0.05), trainer, RunInfo("t", 0))
+    summary = train(
+        tmp_path, RunConfig(NET, DIGITS, OptimConfig(lr=0.05), trainer, RunInfo("t", 0))
+    )
     losses = curve(tmp_path, "train_loss")
     assert losses[0] > 1.5  # near chance (ln 10 = 2.3) over the first chunk
     assert losses[-1] < 0.6 * losses[0]
@@ -86,19 +89,15 @@ def test_streamed_seed_group_matches_separate_runs_and_resumes(tmp_path, imagene
         progress=False,
     )
     group = dataclasses.replace(trainer, vmap_seeds=2, iterations=2)
-    train(tmp_path / "group", tiny, cfg, RECIPE, group, RunInfo("t", 0))
+    train(tmp_path / "group", RunConfig(tiny, cfg, RECIPE, group, RunInfo("t", 0)))
     resumed = train(
         tmp_path / "group",
-        tiny,
-        cfg,
-        RECIPE,
-        dataclasses.replace(group, iterations=4),
-        RunInfo("t", 0),
+        RunConfig(tiny, cfg, RECIPE, dataclasses.replace(group, iterations=4), RunInfo("t", 0)),
     )
     assert [r["iterations"] for r in resumed["runs"]] == [4, 4]
     # The stream is shared by the group and ordered by the job's seed: seed 0's run equals
     # its separate run; seed 1 starts from other parameters, so its losses differ.
-    alone = train(tmp_path / "alone", tiny, cfg, RECIPE, trainer, RunInfo("t", 0))
+    alone = train(tmp_path / "alone", RunConfig(tiny, cfg, RECIPE, trainer, RunInfo("t", 0)))
     assert alone["status"] == "completed"
     seed0, seed1 = tmp_path / "group" / "seed_0", tmp_path / "group" / "seed_1"
     for key in ("train_loss", "test_error"):

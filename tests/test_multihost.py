@@ -21,6 +21,7 @@ from resnet_flax.rundir import read_metrics
 from resnet_flax.training.config import RunInfo, TrainerConfig
 from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelSpec(model="residual", depth=8)
@@ -56,7 +57,7 @@ WORKER = textwrap.dedent(
 def run(run_dir: str, iterations: int) -> dict:
     """train() the tiny digits run to `iterations` (resuming from run_dir's checkpoint)."""
     trainer = TrainerConfig(**{**TRAINER.__dict__, "iterations": iterations})
-    return train(run_dir, TINY, DIGITS, RECIPE, trainer, RunInfo("multihost", 5))
+    return train(run_dir, RunConfig(TINY, DIGITS, RECIPE, trainer, RunInfo("multihost", 5)))
 
 
 def free_port() -> int:

@@ -9,14 +9,18 @@ from flax import nnx
 
 from resnet_flax.models.resnet import build_model
 from resnet_flax.models.spec import ModelSpec
+from resnet_flax.training.config import ConfigError
 from resnet_flax.training.optim import OptimConfig, learning_rate, make_schedule, weight_decay_mask
 
 
-def test_from_dict_reads_hydra_and_run_config_fields():
+def test_boundaries_from_yaml_or_json_are_the_same_recipe():
+    # Fails when a list from run_config.json builds a config unequal to the tuple one.
     cfg = OptimConfig(lr=0.05, boundaries=(100, 200), warmup_lr=0.01)
-    assert OptimConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
-    assert OptimConfig.from_dict({"boundaries": [1.0, "2"]}).boundaries == (1, 2)
-    assert OptimConfig.from_dict({"schedule": "cosine", "boundaries": None}).boundaries == ()
+    assert OptimConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    assert OptimConfig(boundaries=[1.0, "2"]).boundaries == (1, 2)
+    assert OptimConfig(schedule="cosine", boundaries=None).boundaries == ()
+    with pytest.raises(ConfigError, match="optim.schedule must be one of multistep"):
+        OptimConfig(schedule="linear")
 
 
 def test_paper_schedule_divides_by_ten_at_32k_and_48k():

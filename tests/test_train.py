@@ -23,11 +23,14 @@ from resnet_flax.training.config import (
     ConfigError,
     RunInfo,
     TrainerConfig,
-    check_trainer,
+    check_devices,
     compiler_options,
 )
-from resnet_flax.training.loop import set_up, train
+from resnet_flax.training.loop import train
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
+from resnet_flax.training.runtime import make_mesh
+from resnet_flax.training.setup import set_up
 from resnet_flax.training.steps import Program
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +65,7 @@ def _assert_complete(run_dir: Path) -> dict:
 
 
 def test_digits_run_directory_is_complete(tmp_path):
-    summary = train(tmp_path, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+    summary = train(tmp_path, RunConfig(TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0)))
     _assert_complete(tmp_path)
     assert summary["iterations"] == 20 and summary["dataset"] == "digits"
     assert 0.0 <= summary["final_train_error"] <= 1.0
@@ -84,14 +87,14 @@ def test_mocked_cifar10_run_directory_is_complete(tmp_path):
             eval_batch_size=16,
             progress=False,
         )
-        summary = train(tmp_path / "run", TINY, cfg, RECIPE, trainer, RunInfo("t", 0))
+        summary = train(tmp_path / "run", RunConfig(TINY, cfg, RECIPE, trainer, RunInfo("t", 0)))
     _assert_complete(tmp_path / "run")
     assert summary["dataset"] == "cifar10" and summary["final_val_error"] is not None
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
-    a = train(tmp_path / "a", TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 3))
-    b = train(tmp_path / "b", TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 3))
+    a = train(tmp_path / "a", RunConfig(TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 3)))
+    b = train(tmp_path / "b", RunConfig(TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 3)))
     assert _curve(tmp_path / "a", "train_loss") == _curve(tmp_path / "b", "train_loss")
     assert a["final_train_error"] == b["final_train_error"]
 
@@ -103,7 +106,7 @@ def test_non_finite_loss_ends_run_as_diverged(tmp_path, monkeypatch):
 
     real = train_module.cross_entropy
     monkeypatch.setattr(train_module, "cross_entropy", lambda logits, y: real(logits, y) * jnp.nan)
-    summary = train(tmp_path, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+    summary = train(tmp_path, RunConfig(TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0)))
     assert summary["status"] == "diverged"
     assert "non-finite" in summary["message"]
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -113,20 +116,23 @@ def test_non_finite_loss_ends_run_as_diverged(tmp_path, monkeypatch):
 
 def test_bad_intervals_fail_before_compiling():
     with pytest.raises(ConfigError, match="multiple of trainer.log_every"):
-        check_trainer(TrainerConfig(log_every=7, eval_every=10), 1)
+        TrainerConfig(log_every=7, eval_every=10)
     with pytest.raises(ConfigError, match="divisible by the 8 devices"):
-        check_trainer(TrainerConfig(batch_size=12), 8)
+        check_devices(TrainerConfig(batch_size=12), 8)
     with pytest.raises(ConfigError, match="one of default, fast_compile, fast_runtime; got 'fast'"):
-        check_trainer(TrainerConfig(xla_cpu_preset="fast"), 1)
+        TrainerConfig(xla_cpu_preset="fast")
+    with pytest.raises(ConfigError, match="step_loop must be one of auto, scan, python"):
+        TrainerConfig(step_loop="while")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
 def test_cpu_preset_reaches_every_compiled_program():
     """The preset is an option of the step and evaluation programs (XLA rejects a bad value)."""
-    assert compiler_options(TrainerConfig(xla_cpu_preset="fast_compile")) == {
+    assert compiler_options(TrainerConfig(xla_cpu_preset="fast_compile"), "cpu") == {
         "xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"
     }
-    assert compiler_options(TrainerConfig()) == {}
+    assert compiler_options(TrainerConfig(xla_cpu_preset="fast_compile"), "gpu") == {}
+    assert compiler_options(TrainerConfig(), "cpu") == {}
     one, bad = jnp.float32(1), {"xla_cpu_opt_preset": "X"}
     for loop in ("python", "scan"):  # the single step, and the scanned chunk
         program = Program(lambda s, d: (s + d, s), lambda s, d: s * d, loop, bad)
@@ -146,11 +152,13 @@ WORKER = textwrap.dedent(
     from resnet_flax.training.optim import OptimConfig
     from resnet_flax.training.config import RunInfo, TrainerConfig
     from resnet_flax.training.loop import train
+    from resnet_flax.training.run_config import RunConfig
     run_dir, iterations, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     trainer = TrainerConfig(iterations=iterations, batch_size=batch, log_every=5,
                             eval_every=10, checkpoint_every=10, progress=False)
-    summary = train(run_dir, ModelSpec(depth=8), DataConfig(name="digits"),
-                    OptimConfig(lr=0.05, boundaries=(30,)), trainer, RunInfo("t", 1))
+    recipe = OptimConfig(lr=0.05, boundaries=(30,))
+    cfg = RunConfig(ModelSpec(depth=8), DataConfig(name="digits"), recipe, trainer, RunInfo("t", 1))
+    summary = train(run_dir, cfg)
     print("SUMMARY" + json.dumps(summary))
     """
 )
@@ -203,7 +211,7 @@ def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     run = tmp_path / "run"
-    train(run, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+    train(run, RunConfig(TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0)))
     newest = run / "checkpoints" / "20"
     for f in newest.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f.parent.name) + f.name:
@@ -213,7 +221,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
             f.write_bytes(b"")
     # The same length again: the final save lands on the corrupt checkpoint's step.
     with caplog.at_level("INFO", logger="resnet_flax"):
-        summary = train(run, TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0))
+        summary = train(run, RunConfig(TINY, DIGITS, RECIPE, QUICK, RunInfo("t", 0)))
     assert "checkpoints/20 cannot be restored" in caplog.text
     assert f"resuming {run} from iteration 10" in caplog.text
     (aside,) = (run / "checkpoints" / "corrupt").iterdir()
@@ -224,7 +232,8 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert iterations == sorted(set(iterations)) == list(range(5, 21, 5))
     # every checkpoint left restores and holds its own step, the final one included
     checkpointer = Checkpointer(run / "checkpoints")
-    template = abstract_like(set_up(TINY, load_dataset(DIGITS), DIGITS, RECIPE, QUICK).state)
+    cfg = RunConfig(TINY, DIGITS, RECIPE, QUICK)
+    template = abstract_like(set_up(cfg, load_dataset(DIGITS), make_mesh()).state)
     assert checkpointer.steps() == [20, 10]
     for step in checkpointer.steps():
         assert int(checkpointer.restore(step, template)["step"]) == step
@@ -270,7 +279,7 @@ def test_one_diverging_seed_of_a_vmapped_group_stops_alone(tmp_path, monkeypatch
 
     monkeypatch.setattr(SeedGroup, "initial_state", nan_first_seed)
     group = TrainerConfig(**{**QUICK_10.__dict__, "vmap_seeds": 2})
-    result = train(tmp_path, TINY, DIGITS, RECIPE, group, RunInfo("t", 4))
+    result = train(tmp_path, RunConfig(TINY, DIGITS, RECIPE, group, RunInfo("t", 4)))
     assert result["status"] == "diverged"
     bad, good = result["runs"]
     # seed 4 stops at its first chunk (its records end there); seed 5 trains on to the end
@@ -313,11 +322,11 @@ def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
     from resnet_flax.analysis.runs import find_run_dirs, load_runs
 
     group = TrainerConfig(**{**QUICK.__dict__, "vmap_seeds": 2, "iterations": 10})
-    result = train(tmp_path / "group", TINY, DIGITS, RECIPE, group, RunInfo("t", 4))
+    result = train(tmp_path / "group", RunConfig(TINY, DIGITS, RECIPE, group, RunInfo("t", 4)))
     assert result["status"] == "completed" and result["seeds"] == [4, 5]
     for seed in (4, 5):
         separate = train(
-            tmp_path / f"alone{seed}", TINY, DIGITS, RECIPE, QUICK_10, RunInfo("t", seed)
+            tmp_path / f"alone{seed}", RunConfig(TINY, DIGITS, RECIPE, QUICK_10, RunInfo("t", seed))
         )
         run_dir = tmp_path / "group" / f"seed_{seed}"
         summary = _assert_complete(run_dir)
@@ -334,7 +343,7 @@ def test_vmapped_seeds_match_separate_runs_and_resume(tmp_path):
     assert sorted(load_runs([tmp_path / "group"])["seed"]) == [4, 5]
     # a longer rerun resumes both seeds from their common checkpoint
     longer = TrainerConfig(**{**group.__dict__, "iterations": 20})
-    again = train(tmp_path / "group", TINY, DIGITS, RECIPE, longer, RunInfo("t", 4))
+    again = train(tmp_path / "group", RunConfig(TINY, DIGITS, RECIPE, longer, RunInfo("t", 4)))
     assert [r["iterations"] for r in again["runs"]] == [20, 20]
     iterations = [
         m["iteration"]
@@ -357,9 +366,9 @@ def test_streamed_imagenette_trains_records_and_resumes_exactly(tmp_path, imagen
         progress=False,
     )
     first_half = TrainerConfig(**{**trainer.__dict__, "iterations": 4})
-    whole = train(tmp_path / "whole", TINY, cfg, RECIPE, trainer, RunInfo("t", 0))
-    train(tmp_path / "split", TINY, cfg, RECIPE, first_half, RunInfo("t", 0))
-    resumed = train(tmp_path / "split", TINY, cfg, RECIPE, trainer, RunInfo("t", 0))
+    whole = train(tmp_path / "whole", RunConfig(TINY, cfg, RECIPE, trainer, RunInfo("t", 0)))
+    train(tmp_path / "split", RunConfig(TINY, cfg, RECIPE, first_half, RunInfo("t", 0)))
+    resumed = train(tmp_path / "split", RunConfig(TINY, cfg, RECIPE, trainer, RunInfo("t", 0)))
     assert whole["status"] == resumed["status"] == "completed"
     assert whole["dataset"] == "imagenette" and whole["eval_split"] == "validation"
     assert 0.0 <= whole["input_wait_fraction"] <= 1.0
@@ -385,11 +394,13 @@ def test_residual_20_learns_digits_within_two_minutes(tmp_path):
     )
     summary = train(
         tmp_path,
-        ModelSpec(depth=20),
-        DIGITS,
-        OptimConfig(boundaries=(100, 130)),
-        trainer,
-        RunInfo("t", 0),
+        RunConfig(
+            ModelSpec(depth=20),
+            DIGITS,
+            OptimConfig(boundaries=(100, 130)),
+            trainer,
+            RunInfo("t", 0),
+        ),
     )
     assert time.perf_counter() - start < 120
     assert summary["final_train_error"] < 0.05
@@ -422,12 +433,11 @@ def test_evaluation_compiles_once_for_every_split_and_matches_a_full_forward():
 
     from resnet_flax.data import augment as aug
     from resnet_flax.data.memory import load_dataset
-    from resnet_flax.training.loop import set_up
 
     data = load_dataset(DIGITS)
-    run = set_up(TINY, data, DIGITS, RECIPE, QUICK, seed=0)
-    # the 360-image test set sets the batch: no batch of 1,000 mostly padding
-    assert run.trainer.eval_batch_size == len(data.x_test) == 360
+    run = set_up(RunConfig(TINY, DIGITS, RECIPE, QUICK), data, make_mesh())
+    # the 360-image test set sets the batch (and the record): no batch of 1,000 mostly padding
+    assert run.cfg.trainer.eval_batch_size == len(data.x_test) == 360
     stats = run.source.stats
     model = nnx.merge(run.graphdef, run.state["params"], run.state["batch_stats"])
     model.eval()
