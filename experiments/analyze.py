@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from resnet_flax.analysis.runs import find_run_dirs
+from resnet_flax.analysis.sweep_report import NoRuns, analyze_runs
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Analyse each run directory found under the given paths, then redraw nothing: see plot."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("paths", nargs="+", help="run directories or sweep directories")
+    """Analyse each run directory found under the given paths (figures: experiments.plot)."""
+    p = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__)
+    p.add_argument("paths", nargs="+", type=Path, help="run directories or sweep directories")
     p.add_argument("--grad-batch", type=int, default=256)
     p.add_argument(
         "--allow-older-checkpoint",
@@ -21,28 +21,18 @@ def main(argv: list[str] | None = None) -> int:
         "run's final iteration in summary.json (by default such a run is skipped)",
     )
     args = p.parse_args(argv)
-    from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
-
     try:
-        runs = find_run_dirs([Path(x) for x in args.paths])
+        done, skipped = analyze_runs(args.paths, args.grad_batch, args.allow_older_checkpoint)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not runs:
-        print("error: no run directories found under " + " ".join(args.paths), file=sys.stderr)
+    except NoRuns as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
-    failures = 0
-    for run in runs:
-        try:
-            result = analyze_run(run, args.grad_batch, args.allow_older_checkpoint)
-        except AnalysisError as err:
-            print(f"skip {run}: {err}", file=sys.stderr)
-            failures += 1
-            continue
-        layers, at = len(result["layers"]), result["checkpoint_step"]
-        print(f"{run}/analysis.json: {layers} layers of the checkpoint at iteration {at}")
-    print("draw the figures with: python -m experiments.plot " + " ".join(args.paths))
-    return 1 if failures == len(runs) else 0
+    print("\n".join(done))
+    print("\n".join(skipped), file=sys.stderr)
+    print("draw the figures with: python -m experiments.plot " + " ".join(map(str, args.paths)))
+    return 1 if not done else 0
 
 
 if __name__ == "__main__":

@@ -8,15 +8,14 @@ figure and report.md. Extra Hydra overrides (dataset=cifar10, ...) go to every r
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
-from experiments.demo import publish
+from experiments.cli.sweeps import new_sweep_dir, run_sweep, train_sweep_command
 from resnet_flax.analysis.construction import runs_table, sentence, write_construction
+from resnet_flax.analysis.publish import Provenance, publish
 
 EXPERIMENT = "construction"
 
@@ -40,27 +39,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sweep(sweep_dir: Path, overrides: Sequence[str]) -> bool:
-    """Run one experiments.train sweep of the preset into sweep_dir; whether it succeeded."""
-    command = [
-        sys.executable, "-m", "experiments.train", "-m", f"experiment={EXPERIMENT}",
-        f"hydra.sweep.dir={sweep_dir}", *overrides,
-    ]  # fmt: skip
-    print("$", " ".join(command[1:]), flush=True)
-    if subprocess.run(command, check=False).returncode != 0:
-        print(f"error: the sweep failed; see the logs under {sweep_dir}", file=sys.stderr)
-        return False
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Train the sources and the deep nets, then the constructed ones; figure and report."""
     args = parse_args(argv)
     if args.source_depth > args.depth:
         print(f"error: --source-depth {args.source_depth} > --depth {args.depth}", file=sys.stderr)
         return 2
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    sweep_dir = args.sweep_dir or Path("results", "sweeps", EXPERIMENT, stamp)
+    sweep_dir = args.sweep_dir or new_sweep_dir(EXPERIMENT)
     trained, constructed = sweep_dir / "trained", sweep_dir / "constructed"
     start = time.perf_counter()
     # The preset names each run dir <model>-<depth>, so ${model} picks each kind's source.
@@ -70,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (constructed, [f"depth={args.depth}", source, *args.overrides]),
     ]
     for directory, overrides in phases:
-        if not sweep(directory, overrides):
+        if not run_sweep(train_sweep_command(EXPERIMENT, directory, overrides), directory):
             return 1
     sweep_s = time.perf_counter() - start
     trios = write_construction([sweep_dir], sweep_dir)
@@ -85,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sweeps {sweep_s:.0f} s, total wall time {total:.0f} s ({total / 60:.1f} min)")
     if args.publish:
         table = "\n".join(sentence(t) for t in trios.values()) + "\n\n" + runs_table(trios)
-        publish(sweep_dir, args.publish, argv, sweep_s, total, f"experiments.{EXPERIMENT}", table)
+        line = f"python -m experiments.{EXPERIMENT} " + " ".join(argv or sys.argv[1:])
+        publish(sweep_dir, args.publish, Provenance(line, sweep_dir, sweep_s, total, table))
     return 0
 
 

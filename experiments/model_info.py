@@ -8,8 +8,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from experiments.preflight import run_checked
-from experiments.schema import model_spec
+from experiments.cli.model_config import model_spec
+from experiments.cli.preflight import run_checked
 from resnet_flax.models.counts import summarize
 from resnet_flax.models.spec import SpecError
 

@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # Importing the library imports JAX but does not start its backend; the job starts it, after
 # pin_gpu has set CUDA_VISIBLE_DEVICES for this worker and the CPU is split into devices.
-from experiments.preflight import run_checked
-from experiments.schema import run_config
+from experiments.cli.preflight import run_checked
+from experiments.cli.train_config import run_config
 from resnet_flax.data.config import DataError
 from resnet_flax.models.spec import SpecError
 from resnet_flax.rundir import RunStatus

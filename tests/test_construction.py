@@ -173,7 +173,7 @@ def _source_copy(tmp_path, plain_8, checkpoints: bool, **data_changes) -> str:
         plain_8[0], copy, ignore=None if checkpoints else shutil.ignore_patterns("checkpoints")
     )
     config = json.loads((copy / "run_config.json").read_text())
-    config["data"].update(data_changes)
+    config["dataset"].update(data_changes)
     (copy / "run_config.json").write_text(json.dumps(config))
     return str(copy)
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments import schema
+from experiments.cli import train_config as schema
 from resnet_flax.data.config import DATASETS, STREAMED, DataConfig, StreamConfig
 from resnet_flax.models.spec import ModelSpec, SpecError, resolve
 from resnet_flax.training import devices

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # share the run builders of test_runs
 from test_runs import make_sweep, write_run  # noqa: E402
 
-from experiments.plot import main, output_dirs  # noqa: E402
+from experiments.plot import main  # noqa: E402
 from resnet_flax.analysis.plots import (  # noqa: E402
     depth_colors,
     fig1_plain,
@@ -22,6 +22,7 @@ from resnet_flax.analysis.plots import (  # noqa: E402
     make_all_figures,
 )
 from resnet_flax.analysis.runs import load_analyses, load_curves, load_runs, select_final  # noqa: E402
+from resnet_flax.analysis.sweep_report import output_dirs  # noqa: E402
 
 ALL_FIGURES = {
     "fig1_plain",

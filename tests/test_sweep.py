@@ -91,13 +91,50 @@ def test_batch_not_divisible_by_devices_fails_with_one_line(tmp_path):
     assert len(lines) == 1 and "divisible by the 8 devices" in lines[0], proc.stderr
 
 
-def test_unknown_key_and_group_option_fail_with_hydras_message(tmp_path):
-    proc = run_train("no_such_key=1", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
-    assert proc.returncode != 0
-    assert "Could not override 'no_such_key'" in proc.stderr
-    proc = run_train("dataset=imagenet21k", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
-    assert proc.returncode != 0
-    assert "Could not find 'dataset/imagenet21k'" in proc.stderr
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["no_such_key=1"], "error: unknown key 'no_such_key'"),
+        (["trainer.eval_evry=5"], "error: unknown key 'trainer.eval_evry'"),
+        (["+trainer.iteration=50"], "error: unknown trainer key(s) iteration; valid: batch_size"),
+        (
+            ["dataset=imagenet21k"],
+            "error: Could not find 'dataset/imagenet21k'; available: cifar10",
+        ),
+        (["-m", "depth=8,9,57"], "error: job depth=9"),
+    ],
+)
+def test_a_bad_key_or_option_fails_with_one_line_before_anything_starts(
+    tmp_path, overrides, message
+):
+    # Fails when Hydra's multi-line message (or a traceback) reaches the user, or when a
+    # sweep launches its valid jobs before saying that another one cannot run.
+    proc = run_train(*overrides, f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    if "-m" in overrides:  # both bad jobs named, nothing launched
+        assert len(lines) == 2 and "job depth=57" in lines[1], proc.stderr
+        assert not (tmp_path / "run").exists()
+    else:
+        assert len(lines) == 1, proc.stderr
+
+
+def test_a_misspelt_key_in_a_yaml_file_fails_with_one_line_naming_it(tmp_path):
+    # Fails when a preset's unknown key is merged silently (no schema) or reported in
+    # several lines.
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\ntrainer:\n  eval_evry: 5\n"
+    )
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    proc = run_train(search, "experiment=typo", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "error: experiment/typo: unknown key 'trainer.eval_evry'; see docs/usage.md for the keys"
+    ]
 
 
 def check_sweep(sweep_dir: Path, parallel_jobs: int = 1) -> None:

@@ -72,6 +72,26 @@ def test_digits_run_directory_is_complete(tmp_path):
     # the lr schedule is in iterations: 0.05 until 15, then divided by 10
     lrs = _curve(tmp_path, "lr")
     assert lrs[0] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.005)
+    assert_recorded_config_is_resolved(tmp_path, RunConfig(TINY, DIGITS, RECIPE, QUICK))
+
+
+def assert_recorded_config_is_resolved(run_dir: Path, requested: RunConfig) -> RunConfig:
+    """run_config.json holds no "auto", reads back equal, and is the requested run resolved."""
+    # Fails when an "auto" is recorded instead of what ran, or a field does not round-trip.
+    text = (run_dir / "run_config.json").read_text()
+    assert '"auto"' not in text
+    recorded = RunConfig.from_dict(json.loads(text))
+    assert recorded.to_dict() == json.loads(text)
+    assert recorded == RunConfig.from_dict(recorded.to_dict())
+    cpu = jax.default_backend() == "cpu"
+    assert recorded.model.stage_loop == ("unroll" if cpu else "scan")
+    assert recorded.model.conv_impl == ("fast" if cpu else "xla")
+    assert recorded.trainer.step_loop == ("python" if cpu else "scan")
+    assert recorded.model.block == "basic" and recorded.info.cpu_devices == jax.local_device_count()
+    # everything the command asked for that is not an "auto" is recorded as asked
+    assert recorded.optim == requested.optim and recorded.dataset == requested.dataset
+    assert recorded.model.depth == requested.model.depth
+    return recorded
 
 
 def test_mocked_cifar10_run_directory_is_complete(tmp_path):
@@ -373,6 +393,7 @@ def test_streamed_imagenette_trains_records_and_resumes_exactly(tmp_path, imagen
     assert whole["dataset"] == "imagenette" and whole["eval_split"] == "validation"
     assert 0.0 <= whole["input_wait_fraction"] <= 1.0
     assert whole.get("final_train_error") is None  # streamed sets are not re-scored whole
+    assert_recorded_config_is_resolved(tmp_path / "whole", RunConfig(TINY, cfg, RECIPE, trainer))
     lines = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert [m["iteration"] for m in lines if "test_error" in m] == [0, 2, 4, 6]
     assert all("input_wait_fraction" in m for m in lines if "train_loss" in m)

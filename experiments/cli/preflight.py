@@ -1,6 +1,6 @@
 """Check every job of a command before Hydra launches any, and say all that is wrong at once.
 
-Hydra checks each YAML file and override against the schema (experiments.schema) when it
+Hydra checks each YAML file and override against the schema (experiments.cli.schema) when it
 composes a job; its messages are several lines with a hint to set HYDRA_FULL_ERROR. Here
 each job of the command (every combination of the sweep's values) is composed and turned
 into the library's config first, and each problem is one `error:` line; exit status 2.
@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.schema import compose_config
+from experiments.cli.schema import compose_config
 
 # Flags after which Hydra does something other than run jobs (help, config dumps).
 NOT_A_RUN = {
@@ -61,15 +61,15 @@ def one_line(err: Exception) -> str:
     if text.startswith("In '") or text.startswith("Error merging"):
         where = next(iter(text.split("'")[1:2]), "")
     cause = err
-    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__
+    while not isinstance(cause, OmegaConfBaseException) and (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__
     key = getattr(cause, "full_key", None)
     message = str(cause).splitlines()[0] if str(cause) else text
     if "not in struct" in message or "not in '" in message:
         message = f"unknown key {key!r}; see docs/usage.md for the keys"
     elif key:
         message = f"{key}: {message}"
-    source = f"conf/{where}.yaml: " if where else ""
+    source = f"{where}: " if where else ""
     return f"{source}{message}"
 
 
