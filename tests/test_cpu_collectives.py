@@ -119,15 +119,16 @@ ABORTING_SWEEP = textwrap.dedent(
     """
     import os, sys
     import experiments.train as entry
-    real_train = entry.train
+    from resnet_flax.training import job
+    real_train = job.train
 
-    def train(run_dir, spec, *args, **kwargs):
-        if spec.depth == 8:
+    def train(run_dir, cfg, *args, **kwargs):
+        if cfg.model.depth == 8:
             (run_dir / "summary.json").write_text('{"status": "running"}')
             os.abort()
-        return real_train(run_dir, spec, *args, **kwargs)
+        return real_train(run_dir, cfg, *args, **kwargs)
 
-    entry.train = train
+    job.train = train
     sys.argv = ["train", *sys.argv[1:]]
     entry.main()
     """
