@@ -98,6 +98,7 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
         "wall_s": time.perf_counter() - t_start,
         "images_per_sec": images / train_s if train_s else None,
         "input_wait_fraction": source.wait_s / train_s if train_s else None,
+        "compile_cache": run.cache_events.counts(),
     }
     return group.finish(iteration, source.steps_per_epoch, final, timing)
 
