@@ -19,8 +19,10 @@ from resnet_flax.training.optim import (
     base_lr,
     hyperparameters,
     learning_rate,
+    make_optimizer,
     make_schedule,
     weight_decay_mask,
+    zero_state,
 )
 
 
@@ -115,3 +117,16 @@ def test_schedule_over_arrays_is_optax_schedule_bit_for_bit(cfg, total):
     hp = hyperparameters(cfg, total)
     got = [one_ours(i, hp) for i in steps]
     np.testing.assert_array_equal(np.array(got), np.array([one_reference(i) for i in steps]))
+
+
+def test_optimizer_state_made_on_the_host_is_optax_init():
+    # Fails when the state made on the host differs from optax's own init (its structure, a
+    # dtype, or a start that is not zero), which checkpoints and the step rely on.
+    params = nnx.state(build_model(ModelSpec(depth=8)), nnx.Param)
+    for cfg in (OptimConfig(), OptimConfig(decay_all=True, nesterov=True)):
+        tx = make_optimizer(cfg)
+        want, got = tx.init(params), zero_state(tx, params)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == b.dtype and isinstance(a, jax.Array)
+            np.testing.assert_array_equal(a, b)

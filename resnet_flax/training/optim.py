@@ -201,6 +201,15 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return sgd(OptimStructure.of(cfg), cfg.momentum, cfg.weight_decay)
 
 
+def zero_state(tx: optax.GradientTransformation, params) -> object:
+    """tx.init(params) for an optimizer whose state starts at zeros (SGD's momentum trace).
+
+    Made on the host: on the device, every parameter shape compiled its own program of zeros.
+    """
+    shapes = jax.eval_shape(tx.init, params)
+    return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
+
+
 def apply_lr(updates, lr: jax.Array) -> object:
     """Scale momentum updates by -lr (kept outside the optimizer so the lr can depend on state)."""
     return jax.tree.map(lambda u: -lr * u, updates)
