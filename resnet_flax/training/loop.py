@@ -9,7 +9,6 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
-from resnet_flax.backend import current_backend
 from resnet_flax.data.memory import Dataset
 from resnet_flax.data.stream import Stream
 from resnet_flax.rundir import RunStatus, git_commit, library_versions
@@ -17,7 +16,6 @@ from resnet_flax.training.construction import has_checkpoint
 from resnet_flax.training.preemption import RunInterrupted, StopRequests
 from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.runtime import make_mesh
-from resnet_flax.training.seeds import SeedGroup
 from resnet_flax.training.setup import Setup, construct_start, set_up
 from resnet_flax.training.sources import DataSource, open_data
 
@@ -39,7 +37,7 @@ def train(run_dir: str | Path, cfg: RunConfig, dataset: Dataset | Stream | None 
     run = set_up(cfg, data, make_mesh())
     if run.constructed_from is not None and not has_checkpoint(run_dir):
         construct_start(run, run_dir)
-    warn_if_vmapped_on_cpu(run.group)
+    warn_if_vmapped_on_cpu(run)
     writer = jax.process_index() == 0  # one process of a multi-host job writes the records
     records = run.group.records(run_dir, run.state, run.cfg, run_fields(run), run.mesh, writer)
     with records as (start, state):
@@ -158,9 +156,10 @@ def progress_bar(run: Setup, start: int) -> tqdm:
     )
 
 
-def warn_if_vmapped_on_cpu(group: SeedGroup) -> None:
+def warn_if_vmapped_on_cpu(run: Setup) -> None:
     """Say once that a seed group on CPU is slower than separate runs."""
-    if group.stacked and current_backend() == "cpu":
+    group = run.group
+    if group.stacked and run.backend == "cpu":
         log.warning(
             "vmap_seeds=%d on CPU: vmapped convolutions become grouped convolutions, which "
             "XLA:CPU runs several times slower per image than separate runs; seed groups "

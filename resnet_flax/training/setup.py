@@ -39,6 +39,7 @@ class Setup:
     """A run ready to train: its resolved config, data source, seeds, program and state."""
 
     cfg: RunConfig  # every "auto" resolved: what the run records
+    backend: str  # JAX's backend, asked once
     mesh: Mesh
     source: DataSource
     group: SeedGroup
@@ -70,7 +71,8 @@ def set_up(cfg: RunConfig, data: Dataset | Stream, mesh: Mesh) -> Setup:
     evaluate = group.vmap_eval(functools.partial(eval_sums, graphdef))
     options = compiler_options(cfg.trainer, backend)
     program = Program(step, evaluate, cfg.trainer.step_loop, options)
-    return Setup(cfg, mesh, source, group, graphdef, program, state, param_count, origin)
+    parts = (mesh, source, group, graphdef, program, state, param_count, origin)
+    return Setup(cfg, backend, *parts)
 
 
 def construct_start(run: Setup, run_dir: Path) -> None:
