@@ -13,8 +13,8 @@ from datetime import datetime
 from pathlib import Path
 
 from experiments import plot
+from experiments.demo_sweep import EXPERIMENT, demo_sweep_command
 from resnet_flax.analysis.runs import load_runs
-from resnet_flax.bench.demo_vs_torch import EXPERIMENT, demo_sweep_command
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -32,6 +32,7 @@ from resnet_flax.training.runtime import make_mesh
 from resnet_flax.training.seeds import SeedGroup
 from resnet_flax.training.sources import MemorySource, StreamSource, make_source, open_data
 from resnet_flax.training.steps import Program, Recipe, eval_sums
+from resnet_flax.training.timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,16 @@ def train(
     signal (preemption.STOP_SIGNALS) ends the chunk, checkpoints, records the run as
     interrupted and raises RunInterrupted; the same call again resumes it.
     """
+    clock = Timings()  # the phases' seconds, for summary.json
     run_dir = Path(run_dir)
-    data = dataset if dataset is not None else open_data(data_cfg, trainer, info.seed)
-    run = set_up(spec, data, data_cfg, optim, trainer, info.seed, info.init_from)
+    with clock.phase("data"):
+        data = dataset if dataset is not None else open_data(data_cfg, trainer, info.seed)
+    with clock.phase("set_up"):
+        run = set_up(spec, data, data_cfg, optim, trainer, info.seed, info.init_from)
     trainer, source, group, program = run.trainer, run.source, run.group, run.program
     warn_if_vmapped_on_cpu(group)
-    start, state = group.restore(run_dir, run.state, trainer.keep_checkpoints, run.mesh)
+    with clock.phase("checkpoint"):
+        start, state = group.restore(run_dir, run.state, trainer.keep_checkpoints, run.mesh)
     state, origin_fields = start_state(run, run_dir, start, state)  # init_from: constructed
     parts = {"model": run.spec, "data": data_cfg, "optim": optim, "trainer": trainer}
     config = {name: dataclasses.asdict(part) for name, part in parts.items()}
@@ -119,10 +124,13 @@ def train(
     with StopRequests() as stop:
         try:
             if start == 0:  # the curves start at the untrained network, as the paper's do
-                group.log_eval(epoch_line(0, source), evaluate_all(run, state, source.eval_splits))
+                with clock.phase("eval"):
+                    results = evaluate_all(run, state, source.eval_splits)
+                group.log_eval(epoch_line(0, source), results)
             while iteration < trainer.iterations and group.running and stopped is None:
                 length = min(trainer.log_every, trainer.iterations - iteration)
-                state, metrics, elapsed, waited = timed_chunk(run, state, length)
+                with clock.phase("train"):
+                    state, metrics, elapsed, waited = timed_chunk(run, state, length)
                 train_s, iteration = train_s + elapsed, iteration + length
                 line = {
                     **epoch_line(iteration, source),
@@ -140,9 +148,12 @@ def train(
                 )
                 done = iteration >= trainer.iterations
                 if iteration % trainer.eval_every == 0 or done:
-                    group.log_eval(line, evaluate_all(run, state, source.eval_splits))
+                    with clock.phase("eval"):
+                        results = evaluate_all(run, state, source.eval_splits)
+                    group.log_eval(line, results)
                 if iteration % trainer.checkpoint_every == 0 or done:
-                    group.save(iteration, state)
+                    with clock.phase("checkpoint"):
+                        group.save(iteration, state)
                 stopped = None if done else stop.agreed()
             if stopped is not None and group.running:
                 group.interrupt(iteration, state, stopped, source.steps_per_epoch)
@@ -152,17 +163,20 @@ def train(
         finally:
             bar.close()
             source.close()
-            group.close_checkpoints()
+            with clock.phase("checkpoint"):
+                group.close_checkpoints()
     if stopped is not None and any(r.status == RunStatus.INTERRUPTED for r in group.runs):
         raise RunInterrupted(stopped, iteration, str(run_dir))
     completed = iteration >= trainer.iterations
-    final = evaluate_all(run, state, source.final_splits) if completed else {}
+    with clock.phase("eval"):
+        final = evaluate_all(run, state, source.final_splits) if completed else {}
     images = (iteration - start) * trainer.batch_size
     timing = {
         "compile_time_s": program.compile_s,
         "wall_s": time.perf_counter() - t_start,
         "images_per_sec": images / train_s if train_s else None,
         "input_wait_fraction": source.wait_s / train_s if train_s else None,
+        "timings": clock.record(),
     }
     return group.finish(iteration, source.steps_per_epoch, final, timing)
 
