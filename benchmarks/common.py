@@ -46,6 +46,11 @@ def require_torch(what: str) -> None:
         raise UsageError(f"{what} needs PyTorch (pip install torch==2.13.0)")
 
 
+def parser(entry_point: str, doc: str) -> argparse.ArgumentParser:
+    """An entry point's argument parser: its `python -m` name, its docstring's first line."""
+    return argparse.ArgumentParser(prog=f"python -m {entry_point}", description=doc.split("\n")[0])
+
+
 def add_output_args(parser: argparse.ArgumentParser, default_name: str) -> None:
     """--out and --name: where the JSON and Markdown results go."""
     parser.add_argument("--out", default=None, help=f"default: {RESULTS}/<device>/")

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from benchmarks.common import exit_code, require_torch
+from benchmarks.common import exit_code, parser, require_torch
 from resnet_flax.models import conv as fastconv
 from resnet_flax.rundir import git_commit
 from resnet_flax.training.cpu_devices import pin_cores, usable_cores
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The benchmark's command line."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.conv", description=__doc__)
+    ap = parser("benchmarks.conv", __doc__)
     ap.add_argument("--all", action="store_true", help="also time the matmul alternatives")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager's conv")

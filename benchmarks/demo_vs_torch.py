@@ -26,6 +26,7 @@ from benchmarks.common import (
     UsageError,
     add_output_args,
     exit_code,
+    parser,
     provenance,
     require_torch,
     results_dir,
@@ -41,7 +42,7 @@ MAKE_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The benchmark's command line."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.demo_vs_torch", description=__doc__)
+    p = parser("benchmarks.demo_vs_torch", __doc__)
     p.add_argument("--cold", action="store_true", help="the cold-cache sweep only")
     p.add_argument(
         "overrides",

@@ -15,6 +15,7 @@ from benchmarks.common import (
     UsageError,
     add_output_args,
     exit_code,
+    parser,
     provenance,
     require_torch,
     results_dir,
@@ -43,7 +44,7 @@ def bn_batch_arg(text: str) -> int | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's command line."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__)
+    p = parser("benchmarks.step_time", __doc__)
     p.add_argument("--models", nargs="+", default=["plain", "residual"])
     p.add_argument("--depths", nargs="+", type=int, default=[20, 56, 110])
     p.add_argument("--family", default="cifar", choices=["cifar", "imagenet"])

@@ -16,6 +16,7 @@ from benchmarks.twin import TwinRecipe, run_sweep
 
 def main(argv: list[str] | None = None) -> int:
     """Run the recipe in RECIPE.json and write the results to OUT.json."""
+    # No benchmarks.common: its imports would count as PyTorch's start-up.
     p = argparse.ArgumentParser(prog="python -m benchmarks.torch_sweep", description=__doc__)
     p.add_argument("recipe", type=Path)
     p.add_argument("out", type=Path)
