@@ -9,7 +9,14 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.cli.schema import ROOT, command_fields, plain, schema_entry, schema_of
+from experiments.cli.schema import (
+    ROOT,
+    command_fields,
+    compose_config,
+    plain,
+    schema_entry,
+    schema_of,
+)
 from resnet_flax.data.config import STREAMED, DataConfig
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
@@ -88,3 +95,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
 
 
 register()
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """experiments.train's composed config with `overrides`, Hydra's own node included."""
+    return compose_config(overrides, "config")

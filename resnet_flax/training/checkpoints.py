@@ -77,6 +77,10 @@ class Checkpointer:
                 return step, state
         return None
 
+    def wait(self) -> None:
+        """Block until pending saves are on disk."""
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         """Finish pending saves and release the manager."""
         self.manager.wait_until_finished()

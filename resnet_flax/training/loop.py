@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.runtime import make_mesh
 from resnet_flax.training.setup import Setup, construct_start, set_up
 from resnet_flax.training.sources import DataSource, open_data
+from resnet_flax.training.timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +34,26 @@ def train(run_dir: str | Path, cfg: RunConfig, dataset: Dataset | Stream | None 
     checkpoints, records the run as interrupted and raises RunInterrupted; the same call
     again resumes it. An init_from run first writes its constructed net as checkpoint 0.
     """
+    clock = Timings()  # the phases' seconds, for summary.json
     run_dir = Path(run_dir)
-    data = dataset if dataset is not None else open_data(cfg.dataset, cfg.trainer, cfg.info.seed)
-    run = set_up(cfg, data, make_mesh())
-    if run.constructed_from is not None and not has_checkpoint(run_dir):
-        construct_start(run, run_dir)
+    with clock.phase("data"):
+        data = (
+            dataset if dataset is not None else open_data(cfg.dataset, cfg.trainer, cfg.info.seed)
+        )
+    with clock.phase("set_up"):
+        run = set_up(cfg, data, make_mesh())
+        if run.constructed_from is not None and not has_checkpoint(run_dir):
+            construct_start(run, run_dir)
     warn_if_vmapped_on_cpu(run)
     writer = jax.process_index() == 0  # one process of a multi-host job writes the records
     records = run.group.records(run_dir, run.state, run.cfg, run_fields(run), run.mesh, writer)
-    with records as (start, state):
-        return train_from(run, run_dir, start, state)
+    with contextlib.ExitStack() as stack:
+        with clock.phase("checkpoint"):  # the records restore the newest checkpoint
+            start, state = stack.enter_context(records)
+        return train_from(run, run_dir, start, state, clock)
 
 
-def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
+def train_from(run: Setup, run_dir: Path, start: int, state: dict, clock: Timings) -> dict:
     """The loop from iteration `start`: chunks, logs, evaluations, checkpoints, the summary."""
     trainer, source, group, program = run.cfg.trainer, run.source, run.group, run.program
     source.start(start)
@@ -53,10 +62,13 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
     with StopRequests() as stop:
         try:
             if start == 0:  # the curves start at the untrained network, as the paper's do
-                group.log_eval(epoch_line(0, source), evaluate_all(run, state, source.eval_splits))
+                with clock.phase("eval"):
+                    results = evaluate_all(run, state, source.eval_splits)
+                group.log_eval(epoch_line(0, source), results)
             while iteration < trainer.iterations and group.running and stopped is None:
                 length = min(trainer.log_every, trainer.iterations - iteration)
-                state, metrics, elapsed, waited = timed_chunk(run, state, length)
+                with clock.phase("train"):
+                    state, metrics, elapsed, waited = timed_chunk(run, state, length)
                 train_s, iteration = train_s + elapsed, iteration + length
                 line = {
                     **epoch_line(iteration, source),
@@ -74,9 +86,12 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
                 )
                 done = iteration >= trainer.iterations
                 if iteration % trainer.eval_every == 0 or done:
-                    group.log_eval(line, evaluate_all(run, state, source.eval_splits))
+                    with clock.phase("eval"):
+                        results = evaluate_all(run, state, source.eval_splits)
+                    group.log_eval(line, results)
                 if iteration % trainer.checkpoint_every == 0 or done:
-                    group.save(iteration, state)
+                    with clock.phase("checkpoint"):
+                        group.save(iteration, state)
                 stopped = None if done else stop.agreed()
             if stopped is not None and group.running:
                 group.interrupt(iteration, state, stopped, source.steps_per_epoch)
@@ -86,16 +101,20 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
         finally:
             bar.close()
             source.close()
+            with clock.phase("checkpoint"):
+                group.wait_for_saves()
     if stopped is not None and any(r.status == RunStatus.INTERRUPTED for r in group.runs):
         raise RunInterrupted(stopped, iteration, str(run_dir))
     completed = iteration >= trainer.iterations
-    final = evaluate_all(run, state, source.final_splits) if completed else {}
+    with clock.phase("eval"):
+        final = evaluate_all(run, state, source.final_splits) if completed else {}
     images = (iteration - start) * trainer.batch_size
     timing = {
         "compile_time_s": program.compile_s,
         "wall_s": time.perf_counter() - t_start,
         "images_per_sec": images / train_s if train_s else None,
         "input_wait_fraction": source.wait_s / train_s if train_s else None,
+        "timings": clock.record(),
     }
     return group.finish(iteration, source.steps_per_epoch, final, timing)
 

@@ -321,11 +321,16 @@ class SeedGroup:
                 run.status, run.message = status, message
                 run.write_status(iteration)
 
+    def wait_for_saves(self) -> None:
+        """Block until every seed's pending checkpoint writes are on disk."""
+        for run in self.runs:
+            run.checkpointer.wait()
+
     def finish(self, iteration: int, steps_per_epoch: int, final: dict, timing: dict) -> dict:
         """Write every seed's final summary.json; one seed's summary, or the group's.
 
         `final` holds {split: (loss, error)} of the whole-split evaluations of a completed
-        run; `timing` the program's compile and throughput figures, plus `wall_s`.
+        run; `timing` the program's compile and throughput figures, `wall_s` and `timings`.
         """
         final_seeds = {
             s: (self.per_seed(loss), self.per_seed(err)) for s, (loss, err) in final.items()
@@ -346,6 +351,7 @@ class SeedGroup:
             # Per run: a program training k seeds delivers k times these images per second.
             summary["images_per_sec"] = timing["images_per_sec"]
             summary["input_wait_fraction"] = timing["input_wait_fraction"]
+            summary["timings"] = timing["timings"]  # where the time went (training.timings)
             run.recorder.write_summary(summary)
             run.recorder.close()
             summaries.append(summary)

@@ -1,24 +1,22 @@
 """The digits demo sweep in PyTorch eager: the same nets, split, recipe, evaluations and jobs.
 
-Run as `python -m resnet_flax.bench.torch_sweep RECIPE.json OUT.json`; the process and its
-workers never import JAX, so their start-up is PyTorch's alone.
+It runs in a process of its own (benchmarks.torch_sweep); neither that process nor its workers
+import JAX, so their start-up is PyTorch's alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import multiprocessing
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
-from resnet_flax.bench.torch_baseline import build_torch_model, check_torch_spec
+from benchmarks.torch_baseline import build_torch_model, check_torch_spec
 from resnet_flax.data.memory import load_digits
 from resnet_flax.models.spec import ModelSpec
 
@@ -61,7 +59,7 @@ def twin_recipe(
         "a validation split": data_cfg.validation_size > 0,
         "schedule other than constant": optim.schedule != "constant",
         "nesterov, decay_all or warmup_lr": optim.nesterov or optim.decay_all or optim.warmup_lr,
-        "bn_batch or bfloat16": spec.bn_batch is not None or spec.dtype != "float32",
+        "bn_batch or bfloat16": spec.bn_batch is not None or spec.precision != "float32",
         "vmap_seeds > 1": trainer.vmap_seeds != 1,
         "shortcut other than A": spec.shortcut != "A",
     }
@@ -259,7 +257,7 @@ _worker: dict = {}  # this worker process's start and the end of its previous jo
 
 def _start_worker() -> None:
     """Pool initializer: one single-threaded PyTorch per process, as ours has one device."""
-    _worker["process_start"] = process_start_time()
+    _worker["process_start"] = psutil.Process().create_time()
     import torch
 
     torch.set_num_threads(1)
@@ -287,15 +285,6 @@ def _run_job(task: tuple) -> dict:
     return result
 
 
-def process_start_time() -> float | None:
-    """When this process started (epoch seconds), where psutil can tell."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().create_time()
-
-
 def run_sweep(recipe: TwinRecipe, checkpoint_dir: str | None = None) -> dict:
     """Every job of the recipe, n_jobs at a time in its order; their results and the wall time."""
     start = time.time()
@@ -312,18 +301,3 @@ def run_sweep(recipe: TwinRecipe, checkpoint_dir: str | None = None) -> dict:
         "pool_wall_s": time.time() - start,
         "jobs": jobs,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the recipe in RECIPE.json and write the results to OUT.json."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recipe", type=Path)
-    p.add_argument("out", type=Path)
-    args = p.parse_args(argv)
-    recipe = TwinRecipe.from_dict(json.loads(args.recipe.read_text()))
-    args.out.write_text(json.dumps(run_sweep(recipe), indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ runs them), after all of JAX's timings (PyTorch's OpenMP threads keep spinning a
 ops). --one-core pins the process to one core and runs XLA single-threaded and PyTorch on
 one thread: the per-core comparison, as each device of resnet_flax.training.cpu_devices runs.
 
-Run: .venv/bin/python tools/bench_conv.py [--all] [--torch] [--one-core] [--batch 64] [--reps 7]
+Run: python -m benchmarks.conv [--all] [--torch] [--one-core] [--batch 64] [--reps 7]
 Times are the minimum over --reps runs (the machine is shared; the minimum is the least
 disturbed), in milliseconds.
 """
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks.common import exit_code, parser, require_torch
 from resnet_flax.models import conv as fastconv
 from resnet_flax.rundir import git_commit
 from resnet_flax.training.cpu_devices import pin_cores, usable_cores
@@ -164,9 +165,14 @@ def _residual_stack(conv: Callable, x: jax.Array, ws: list[jax.Array]) -> jax.Ar
     return x
 
 
-def main() -> None:
-    """Print the table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """Print the tables; one error line without PyTorch for --torch."""
+    return exit_code(lambda: conv_tables(parse_args(argv), argv))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's command line."""
+    ap = parser("benchmarks.conv", __doc__)
     ap.add_argument("--all", action="store_true", help="also time the matmul alternatives")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager's conv")
@@ -176,7 +182,13 @@ def main() -> None:
         help="pin to one core: XLA single-threaded, PyTorch on one thread (per-core numbers)",
     )
     ap.add_argument("--batch", type=int, default=128, help="batch of the CIFAR-shaped layers")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def conv_tables(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Time every layer shape, then the residual stacks."""
+    if args.torch:
+        require_torch("--torch")
     if args.one_core:
         pin_cores(1)
         # read when XLA's CPU client starts, which is at the first computation below
@@ -188,7 +200,8 @@ def main() -> None:
 
         torch.set_num_threads(1 if args.one_core else usable_cores())
     shapes = [(s[0], args.batch if s[1] == 128 else s[1], *s[2:]) for s in SHAPES]
-    print(f"command: python tools/bench_conv.py {' '.join(sys.argv[1:])}  ")
+    words = argv if argv is not None else sys.argv[1:]
+    print(f"command: python -m benchmarks.conv {' '.join(words)}  ")
     print(f"commit: {git_commit()}  ")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, min of {args.reps} runs, ms")
     cols = ["fwd", "dW", "dX", "fwd+dW+dX"] + (
@@ -247,17 +260,24 @@ def main() -> None:
             print(f"{name:24s} {impl:5s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
     if args.torch:
         _torch_rows(shapes, args.reps)
+    _stack_rows(args.batch, args.reps)
+    return 0
+
+
+def _stack_rows(batch: int, reps: int) -> None:
+    """fwd+bwd of residual conv stacks at the three CIFAR stage shapes, XLA's conv vs ours."""
+    key = jax.random.PRNGKey(0)
     blocks = "6 residual 3x3 conv blocks (conv, affine, ReLU, skip)"
-    print(f"\nfwd+bwd of {blocks}, batch {args.batch}, ms")
+    print(f"\nfwd+bwd of {blocks}, batch {batch}, ms")
     for hw, c in ((32, 16), (16, 32), (8, 64)):
-        x = jax.random.normal(key, (args.batch, hw, hw, c), jnp.float32)
+        x = jax.random.normal(key, (batch, hw, hw, c), jnp.float32)
         ws = [jax.random.normal(key, (3, 3, c, c)) * 0.05 for _ in range(6)]
         row = []
         for conv in (lax.conv_general_dilated, fastconv.select_conv("fast")):
             g = jax.jit(jax.grad(lambda ws, x, conv=conv: _residual_stack(conv, x, ws).sum()))
-            row.append(_timeit(g, ws, x, reps=args.reps))
+            row.append(_timeit(g, ws, x, reps=reps))
         print(f"{hw}x{hw}x{c:<3d}  xla {row[0]:7.1f}   fast {row[1]:7.1f}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,6 @@
-"""The benchmark command at a tiny size: it measures and writes JSON and Markdown."""
+"""The benchmarks at a tiny size: they measure, write JSON and Markdown, fail in one line."""
 
+import ast
 import json
 import os
 import subprocess
@@ -10,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.benchmark import main
-from resnet_flax.bench.torch_baseline import torch_available
+from benchmarks.common import torch_available
+from benchmarks.step_time import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # Slow: the whole benchmark CLI; its parts are tested fast below.
@@ -22,7 +25,7 @@ def test_tiny_benchmark_writes_results(tmp_path):
     args += ["--vmap-seeds", "1", "2", "--bn-batches", "batch", "4"]
     assert main(args) == 0
     result = json.loads((tmp_path / "tiny.json").read_text())
-    assert result["command"].startswith("python -m experiments.benchmark")
+    assert result["command"].startswith("python -m benchmarks.step_time")
     row, grouped, two_seeds, _ = result["rows"]
     assert (row["vmap_seeds"], two_seeds["vmap_seeds"]) == (1, 2)
     assert (row["bn_batch"], grouped["bn_batch"]) == (None, 4) and grouped["step_s"] > 0
@@ -67,8 +70,8 @@ def test_input_benchmark_without_the_dataset_fails_in_one_line(tmp_path, capsys)
 
 
 def test_preset_jobs_and_wall_time_estimate():
-    from experiments.benchmark import preset_jobs
-    from resnet_flax.bench.step_timer import preset_estimate_h
+    from benchmarks.step_time import preset_jobs
+    from benchmarks.step_timer import preset_estimate_h
 
     jobs, batch, iterations, bn_batch = preset_jobs("he2015_fig6")
     assert batch == 128 and iterations == 64_000 and bn_batch == 64
@@ -89,7 +92,7 @@ def test_unknown_preset_fails_in_one_line(capsys):
 
 
 def test_rounds_alternate_with_another_timer():
-    from resnet_flax.bench.step_timer import BenchCase, run_case
+    from benchmarks.step_timer import BenchCase, run_case
 
     calls = []
     case = BenchCase(model="plain", depth=8, batch_size=8, image_size=8)
@@ -109,7 +112,7 @@ def test_pytorch_rounds_run_in_their_own_process(tmp_path):
 
 def test_pytorch_timer_reports_an_unsupported_net(tmp_path, capsys):
     pytest.importorskip("torch")
-    from resnet_flax.bench.torch_baseline import TorchStepTimer
+    from benchmarks.torch_baseline import TorchStepTimer
     from resnet_flax.models.spec import ModelSpec
 
     with pytest.raises(ValueError, match="plain/residual nets with basic blocks"):
@@ -131,13 +134,12 @@ def test_per_core_benchmark_pins_jax_and_pytorch_to_one_core(tmp_path):
     args = ["--models", "residual", "--depths", "8", "--batch-sizes", "8", "--image-size", "8"]
     args += ["--steps", "1", "--repeats", "1", "--cores", "1", "--out", str(tmp_path)]
     args += ["--name", "core"] + (["--torch"] if torch_available() else [])
-    root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", *args],
-        cwd=root,
+        [sys.executable, "-m", "benchmarks.step_time", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])},
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "core.json").read_text())
@@ -151,7 +153,7 @@ def test_per_core_benchmark_pins_jax_and_pytorch_to_one_core(tmp_path):
 
 def test_pytorch_baseline_normalises_groups_of_bn_batch_images():
     torch = pytest.importorskip("torch")
-    from resnet_flax.bench.torch_baseline import build_torch_model
+    from benchmarks.torch_baseline import build_torch_model
     from resnet_flax.models.spec import ModelSpec
 
     torch.manual_seed(0)
@@ -193,7 +195,7 @@ def test_pytorch_rows_follow_the_bn_batch_of_each_case(tmp_path):
 
 def test_pytorch_group_batchnorm_rejects_a_batch_its_groups_do_not_divide():
     torch = pytest.importorskip("torch")
-    from resnet_flax.bench.torch_baseline import build_torch_model
+    from benchmarks.torch_baseline import build_torch_model
     from resnet_flax.models.spec import ModelSpec, SpecError
 
     bn = build_torch_model(ModelSpec(model="residual", depth=8, bn_batch=4))[1]
@@ -201,12 +203,12 @@ def test_pytorch_group_batchnorm_rejects_a_batch_its_groups_do_not_divide():
         bn(torch.randn(6, 16, 4, 4))
 
 
-# --- make demo's sweep against its PyTorch eager twin (--demo-vs-torch) ---------------------
+# --- make demo's sweep against its PyTorch eager twin (benchmarks.demo_vs_torch) ------------
 
 
 def test_twin_learning_rate_is_our_warmup_schedule():
-    from experiments.demo_vs_torch import demo_recipe
-    from resnet_flax.bench.torch_sweep import twin_lr
+    from benchmarks.demo_vs_torch import demo_recipe
+    from benchmarks.twin import twin_lr
     from resnet_flax.training.optim import OptimConfig, make_schedule
 
     recipe = demo_recipe([])
@@ -220,7 +222,7 @@ def test_twin_learning_rate_is_our_warmup_schedule():
 
 
 def test_twin_recipe_is_the_demo_preset_in_hydras_job_order():
-    from experiments.demo_vs_torch import demo_recipe
+    from benchmarks.demo_vs_torch import demo_recipe
 
     recipe = demo_recipe([])
     # deepest first, models inner: the order the demo's Hydra sweep dispatches its jobs
@@ -232,8 +234,8 @@ def test_twin_recipe_is_the_demo_preset_in_hydras_job_order():
 
 
 def test_twin_refuses_a_recipe_it_does_not_implement():
-    from experiments.benchmark import UsageError
-    from experiments.demo_vs_torch import demo_recipe
+    from benchmarks.common import UsageError
+    from benchmarks.demo_vs_torch import demo_recipe
 
     with pytest.raises(UsageError, match="augmentation"):
         demo_recipe(["dataset.crop_padding=4"])
@@ -243,7 +245,7 @@ def test_twin_refuses_a_recipe_it_does_not_implement():
 
 def test_twin_training_data_and_normalisation_are_ours():
     torch = pytest.importorskip("torch")
-    from resnet_flax.bench.torch_sweep import normalised_nchw, pixel_mean
+    from benchmarks.twin import normalised_nchw, pixel_mean
     from resnet_flax.data import augment as aug
     from resnet_flax.data.memory import DataConfig, load_dataset, load_digits
 
@@ -261,7 +263,7 @@ def test_twin_decays_the_tensors_ours_decays():
     pytest.importorskip("torch")
     from flax import nnx
 
-    from resnet_flax.bench.torch_sweep import build_twin, decayed_parameters
+    from benchmarks.twin import build_twin, decayed_parameters
     from resnet_flax.models.resnet import abstract_model
     from resnet_flax.models.spec import ModelSpec
     from resnet_flax.training.optim import weight_decay_mask
@@ -280,7 +282,7 @@ def test_twin_is_initialised_as_ours():
     pytest.importorskip("torch")
     from flax import nnx
 
-    from resnet_flax.bench.torch_sweep import build_twin
+    from benchmarks.twin import build_twin
     from resnet_flax.models.resnet import build_model
     from resnet_flax.models.spec import ModelSpec
 
@@ -297,7 +299,7 @@ def test_twin_is_initialised_as_ours():
 
 def recipe_for_tests(**changes):
     """A small twin recipe: residual-8, 22 iterations in intervals of 11."""
-    from resnet_flax.bench.torch_sweep import TwinRecipe
+    from benchmarks.twin import TwinRecipe
 
     fields = dict(
         jobs=(("residual", 8),),
@@ -318,7 +320,7 @@ def recipe_for_tests(**changes):
 
 def test_twin_evaluates_on_our_schedule(tmp_path):
     pytest.importorskip("torch")
-    from resnet_flax.bench.torch_sweep import train_twin
+    from benchmarks.twin import train_twin
 
     result = train_twin(recipe_for_tests(), "residual", 8, str(tmp_path))
     # the untrained net, then every eval_every iterations; the final training error in eval
@@ -329,13 +331,15 @@ def test_twin_evaluates_on_our_schedule(tmp_path):
 
 
 def test_twin_process_never_imports_jax():
-    code = "import sys, resnet_flax.bench.torch_sweep; print('jax' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = "import sys, benchmarks.torch_sweep; print('jax' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"  # JAX's import would count as PyTorch's start-up
 
 
 def test_sweep_jobs_follow_hydras_basic_sweeper():
-    from resnet_flax.bench.torch_sweep import sweep_jobs
+    from benchmarks.twin import sweep_jobs
 
     jobs = sweep_jobs({"depth": "56,20,8", "model": "plain,residual"}, "residual", 20)
     assert jobs[:3] == [("plain", 56), ("residual", 56), ("plain", 20)] and len(jobs) == 6
@@ -344,144 +348,144 @@ def test_sweep_jobs_follow_hydras_basic_sweeper():
         sweep_jobs({"seed": "0,1"}, "plain", 20)
 
 
-TRACE, LOWER, COMPILE = (
-    f"/jax/core/compile/{e}_duration"
-    for e in ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile")
-)
-
-
-def synthetic_record(**changes) -> dict:
-    """A job_timer record: process start 100, first phase 110, end 123 (seconds)."""
-    record = {
-        "num": 3,
-        "pid": 7,
-        "process_start": 100.0,
-        "previous_job_end": None,
-        "job_start": 109.0,
-        "job_end": 123.0,
-        "summary": {"model": "plain", "depth": 8},
-        "phases": [
-            ["data", 110.0, 110.5],
-            ["set_up", 110.5, 112.0],
-            ["train", 112.0, 120.0],
-            ["records", 120.0, 120.0],
-            ["eval", 120.0, 122.0],
-            ["checkpoint", 122.0, 122.5],
-            ["summary", 122.5, 122.6],
-        ],
-        "spans": [
-            [COMPILE, 111.0, 111.5, "jit(draw)"],
-            [TRACE, 112.0, 113.0, "memory_train_step"],
-            [TRACE, 112.2, 112.5, "inner"],  # a nested jit traced inside the step's trace
-            [LOWER, 113.0, 114.0, "jit(memory_train_step)"],
-            [COMPILE, 114.0, 118.0, "jit(memory_train_step)"],
-            [COMPILE, 120.0, 121.5, "jit(eval_sums)"],
-        ],
-        "events": [
-            ["/jax/compilation_cache/cache_misses", 117.0],
-            ["/jax/compilation_cache/cache_hits", 121.0],
-        ],
+def run_summary(model: str = "plain", started_at: float = 110.0, **timing_changes) -> dict:
+    """A summary.json as the loop writes it: train() called at 110, returning 13 s later."""
+    timings = {
+        "startup_s": 10.0,
+        "reused_process": False,
+        "data_s": 0.5,
+        "set_up_s": 1.0,
+        "train_s": 2.0,
+        "eval_s": 0.5,
+        "checkpoint_s": 0.5,
+        "compile_s": {"data": 0.0, "set_up": 0.5, "train": 6.0, "eval": 1.5, "checkpoint": 0.25},
+        "programs": {"memory_train_step": 6.0, "eval_sums": 1.5, "draw": 0.5, "stack": 0.2},
+        "cache_hits": 1,
+        "cache_misses": 2,
+        "total_s": 13.0,
+        "started_at": started_at,
+        "ended_at": started_at + 13.0,
+        **timing_changes,
     }
-    return {**record, **changes}
+    return {"model": model, "depth": 8, "status": "completed", "timings": timings}
 
 
-def test_breakdown_separates_compilation_from_each_phase():
-    from resnet_flax.bench.breakdown import job_breakdown
+def test_breakdown_takes_the_recorded_phases_and_leaves_the_rest_to_other():
+    from benchmarks.breakdown import PARTS, job_breakdown
 
-    job = job_breakdown(synthetic_record())
-    assert job["startup_s"] == pytest.approx(10.0)  # process start to the first phase
-    assert job["set_up_s"] == pytest.approx(1.0) and job["set_up_compile_s"] == pytest.approx(0.5)
-    # the nested trace is not counted twice; the step's compilation is not training time
-    assert job["train_compile_s"] == pytest.approx(6.0) and job["train_s"] == pytest.approx(2.0)
-    assert job["eval_compile_s"] == pytest.approx(1.5) and job["eval_s"] == pytest.approx(0.5)
-    assert job["checkpoint_s"] == pytest.approx(0.5) and job["records_s"] == pytest.approx(0.1)
-    assert job["other_s"] == pytest.approx(0.4) and job["total_s"] == pytest.approx(23.0)
-    parts = ("startup", "data", "set_up", "set_up_compile", "train", "train_compile", "eval")
-    parts += ("eval_compile", "checkpoint", "records", "other")
-    assert sum(job[f"{p}_s"] for p in parts) == pytest.approx(job["total_s"])
-    assert (job["cache_hits"], job["cache_misses"]) == (1, 1) and not job["reused_worker"]
-    assert next(iter(job["programs"])) == "memory_train_step"
-
-
-def test_breakdown_starts_a_reused_workers_job_at_its_previous_job():
-    from resnet_flax.bench.breakdown import job_breakdown
-
-    job = job_breakdown(synthetic_record(previous_job_end=108.0))
-    assert job["reused_worker"] and job["startup_s"] == pytest.approx(2.0)
-    assert job["total_s"] == pytest.approx(15.0)
+    job = job_breakdown(run_summary(), num=3)
+    assert job["num"] == 3 and job["model"] == "plain" and not job["reused_worker"]
+    assert job["total_s"] == pytest.approx(23.0)  # start-up, then train() itself
+    assert job["set_up_s"] == 1.0 and job["set_up_compile_s"] == 0.5
+    assert job["train_compile_s"] == 6.0 and job["eval_compile_s"] == 1.5
+    assert job["other_compile_s"] == 0.25  # the checkpoint phase's compilation
+    # 23 s less the phases (14.5 s) and their compilations (8.25 s)
+    assert job["other_s"] == pytest.approx(0.25) and job["compile_s"] == pytest.approx(8.25)
+    summed = [key for key, _ in PARTS if key in job and key != "total_s"]
+    assert sum(job[key] for key in summed) == pytest.approx(job["total_s"])
+    assert (job["cache_hits"], job["cache_misses"]) == (1, 2)
+    assert list(job["programs"]) == ["memory_train_step", "eval_sums", "draw", "stack"]
 
 
-def test_sweep_breakdown_reads_the_timer_files(tmp_path):
-    from resnet_flax.bench.breakdown import sweep_breakdown
+def test_sweep_breakdown_reads_each_runs_summary_in_start_order(tmp_path):
+    from benchmarks.breakdown import sweep_breakdown
 
-    (tmp_path / "sweep.json").write_text(json.dumps({"multirun_start": 95.0}))
-    for num in (1, 0):
-        record = synthetic_record(num=num)
-        (tmp_path / f"job_{num}.json").write_text(json.dumps(record))
-    sweep = sweep_breakdown(tmp_path, launched=90.0, exited=124.0)
-    assert [j["num"] for j in sweep["jobs"]] == [0, 1]
-    assert sweep["wall_s"] == 34.0 and sweep["main_startup_s"] == 5.0
-    assert sweep["first_job_entry_s"] == 19.0 and sweep["after_last_job_s"] == 1.0
+    later = run_summary("residual", started_at=120.0, reused_process=True, startup_s=2.0)
+    for name, summary in (("a", later), ("b", run_summary())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    sweep = sweep_breakdown(tmp_path, launched=90.0, exited=140.0)
+    assert [j["model"] for j in sweep["jobs"]] == ["plain", "residual"]
+    assert [j["num"] for j in sweep["jobs"]] == [0, 1] and sweep["jobs"][1]["reused_worker"]
+    assert sweep["wall_s"] == 50.0 and sweep["first_train_call_s"] == 20.0
+    assert sweep["after_last_job_s"] == 7.0  # the last run ended at 133
+    assert sweep["job_seconds"]["startup_s"] == 12.0
     assert sweep["job_seconds"]["train_compile_s"] == pytest.approx(12.0)
 
 
-def test_job_timer_hooks_every_phase_it_names(monkeypatch):
-    import importlib
+def test_results_measured_before_the_loop_recorded_its_phases_still_render():
+    from benchmarks.demo_report import markdown
 
-    from experiments import job_timer
-
-    for module, owner, name, _ in job_timer.HOOKS:  # restored after the test
-        target = importlib.import_module(module)
-        target = getattr(target, owner) if owner else target
-        monkeypatch.setattr(target, name, getattr(target, name))
-    assert job_timer.install_hooks() == []  # a renamed library function shows up here
-    from resnet_flax.training import loop
-
-    wrapped = loop.set_up
-    job_timer.install_hooks()
-    assert loop.set_up is wrapped and wrapped.timed_phase == "set_up"  # wrapped once
-    monkeypatch.setattr(job_timer, "_job", {"phases": []})
-    assert job_timer.timed_phase("eval", lambda x: x + 1)(1) == 2
-    assert [p for p, _, _ in job_timer._job["phases"]] == ["eval"]
+    old = json.loads((ROOT / "results/benchmarks/cpu-2cores/demo_vs_torch.json").read_text())
+    table = markdown(old)
+    assert "| ours, warm compilation cache |" in table and "Jobs, PyTorch eager twin" in table
+    # the old breakdown's parts, records included, are still shown
+    records = next(line for line in table.splitlines() if line.startswith("| metrics records"))
+    assert records.count("-") < 3 and "| compile: training step |" in table
 
 
-def test_job_timer_writes_a_record_for_completed_and_failed_jobs(tmp_path, monkeypatch):
-    from hydra.core.utils import JobReturn, JobStatus
-    from omegaconf import OmegaConf
+@pytest.fixture
+def without_torch(tmp_path):
+    """An environment in which `import torch` fails, whether or not PyTorch is installed."""
+    shim = tmp_path / "no_torch" / "torch"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('PyTorch is hidden from this test')\n")
+    path = os.pathsep.join([str(shim.parent), str(ROOT)])
+    return {**os.environ, "PYTHONPATH": path}
 
-    from experiments import job_timer
 
-    monkeypatch.setattr(job_timer, "install_hooks", lambda: [])
-    monkeypatch.setattr(job_timer, "listen_to_jax", lambda: None)
-    monkeypatch.setattr(job_timer, "_process", {"hooked": True, "last_end": None})
-    timer = job_timer.JobTimer(str(tmp_path))
-    config = OmegaConf.create({"hydra": {"job": {"num": 0}, "overrides": {"task": ["depth=8"]}}})
-    timer.on_job_start(config)
-    summary = {"model": "plain", "depth": 8, "final_train_error": 0.5, "extra": 1}
-    timer.on_job_end(config, JobReturn(status=JobStatus.COMPLETED, _return_value=summary))
-    record = json.loads((tmp_path / "job_0.json").read_text())
-    assert record["summary"]["final_train_error"] == 0.5 and "extra" not in record["summary"]
-    assert record["overrides"] == ["depth=8"] and record["job_end"] >= record["job_start"]
-    config.hydra.job.num = 1
-    timer.on_job_start(config)  # the same worker's next job, which fails
-    failed = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("boom"))
-    timer.on_job_end(config, failed)
-    record = json.loads((tmp_path / "job_1.json").read_text())
-    assert "boom" in record["error"] and record["previous_job_end"] is not None
+def one_error_line(env: dict, *command: str) -> str:
+    """Run `python -m command` from the repository root: its one stderr line, exit status 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_demo_vs_torch_with_a_bad_override_prints_one_line(without_torch):
+    line = one_error_line(without_torch, "benchmarks.demo_vs_torch", "trainer.iterationz=5")
+    assert "trainer.iterationz" in line
+
+
+@pytest.mark.parametrize("command", ["demo_vs_torch", "step_time --torch", "conv --torch"])
+def test_a_benchmark_without_torch_prints_one_line(without_torch, command):
+    line = one_error_line(without_torch, *f"benchmarks.{command}".split())
+    assert "needs PyTorch" in line
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The modules a source file imports (absolute imports, every level of the file)."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_benchmarks_layout_entry_points_import_no_entry_point():
+    modules = {p.stem: p for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"}
+    entry_points = {n for n, p in modules.items() if "__main__" in p.read_text()}
+    assert {"step_time", "demo_vs_torch", "conv", "torch_sweep"} <= entry_points
+    for name, path in modules.items():
+        imported = {m.removeprefix("benchmarks.") for m in imported_modules(path)}
+        if name in entry_points:
+            assert not imported & entry_points, f"{name} imports an entry point"
+        if name == "common":  # the leaf
+            assert not imported & set(modules), "benchmarks.common imports benchmarks"
+    for path in (ROOT / "resnet_flax").rglob("*.py"):
+        tops = {m.split(".")[0] for m in imported_modules(path)}
+        assert not tops & {"benchmarks", "experiments"}, f"{path} imports outside the library"
 
 
 @pytest.mark.slow
 def test_demo_vs_torch_writes_cold_warm_and_torch_results(tmp_path):
     pytest.importorskip("torch")
+    from benchmarks.demo_vs_torch import main as demo_vs_torch
+
     overrides = ["trainer.iterations=11", "trainer.checkpoint_every=11"]
     overrides += ["hydra.sweeper.params.depth=8", "hydra.sweeper.params.model=residual"]
-    args = ["--demo-vs-torch", "--demo-overrides", *overrides, "--out", str(tmp_path)]
-    assert main(args + ["--name", "tiny"]) == 0
+    assert demo_vs_torch([*overrides, "--out", str(tmp_path), "--name", "tiny"]) == 0
     result = json.loads((tmp_path / "tiny.json").read_text())
-    assert result["command"].startswith("python -m experiments.benchmark --demo-vs-torch")
+    assert result["command"].startswith("python -m benchmarks.demo_vs_torch trainer.iterations")
     assert result["git_commit"] and set(result["ratio_to_torch"]) == {"cold", "warm"}
     (cold,), (warm,) = result["ours"]["cold"]["jobs"], result["ours"]["warm"]["jobs"]
-    assert cold["unhooked"] == [] and cold["train_compile_s"] > 0 and cold["eval_compile_s"] > 0
+    assert cold["train_compile_s"] > 0 and cold["eval_compile_s"] > 0
     assert cold["train_s"] > 0 and cold["cache_misses"] > 0 and cold["startup_s"] > 0
     assert warm["cache_hits"] > 0  # the warm sweep reads the cache the cold one wrote
     assert warm["final_train_error"] == cold["final_train_error"]  # the same runs again

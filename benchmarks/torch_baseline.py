@@ -11,15 +11,6 @@ import numpy as np
 from resnet_flax.models.spec import Architecture, ModelSpec, check_bn_batch, resolve
 
 
-def torch_available() -> bool:
-    """Whether PyTorch can be imported here."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def check_torch_spec(spec: ModelSpec) -> Architecture:
     """The resolved net; ValueError unless the PyTorch baseline builds it (no torch import)."""
     arch = resolve(spec)
@@ -168,8 +159,9 @@ class TorchStepTimer:
         args = (child, spec, batch_size, image_size, steps)
         self._proc = ctx.Process(target=_serve, args=args, daemon=True)
         self._proc.start()
+        child.close()  # the child's end lives in the child alone: its death ends our reads
         self.spec, self.batch_size, self.times = spec, batch_size, []
-        self.info = self._conn.recv()  # the net is built and has taken its first step
+        self.info = self._receive()  # the net is built and has taken its first step
         if "error" in self.info:
             self._proc.join(timeout=60)
             raise ValueError(self.info["error"])
@@ -177,9 +169,18 @@ class TorchStepTimer:
     def time(self, repeats: int) -> list[float]:
         """Seconds per step of `repeats` timings (each the mean of `steps` steps)."""
         self._conn.send(repeats)
-        times = self._conn.recv()
+        times = self._receive()
         self.times += times
         return times
+
+    def _receive(self):
+        """The child's next message; RuntimeError if it died (its traceback is on stderr)."""
+        try:
+            return self._conn.recv()
+        except EOFError:
+            self._proc.join(timeout=60)
+            code = self._proc.exitcode
+            raise RuntimeError(f"the PyTorch timing process exited with {code}") from None
 
     def row(self) -> dict:
         """The benchmark row: median seconds per step over every timing so far."""

@@ -1,19 +1,26 @@
-"""Benchmark the training step: compile time, images/s, memory; optionally PyTorch eager."""
+"""The training step's compile time, images/s and memory; optionally PyTorch eager's step.
+
+Run: python -m benchmarks.step_time [--models ...] [--depths ...] [--torch] ...
+"""
 
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import os
-import platform
-import re
 import sys
 import time
-from pathlib import Path
 
+from benchmarks.common import (
+    UsageError,
+    add_output_args,
+    exit_code,
+    parser,
+    provenance,
+    require_torch,
+    results_dir,
+)
 from resnet_flax.models.spec import ModelSpec, SpecError, check_bn_batch, resolve
-from resnet_flax.rundir import git_commit, library_versions
 from resnet_flax.training.cpu_devices import (
     CpuDevicesError,
     cpu_device_count,
@@ -37,7 +44,7 @@ def bn_batch_arg(text: str) -> int | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's command line."""
-    p = argparse.ArgumentParser(description=__doc__)
+    p = parser("benchmarks.step_time", __doc__)
     p.add_argument("--models", nargs="+", default=["plain", "residual"])
     p.add_argument("--depths", nargs="+", type=int, default=[20, 56, 110])
     p.add_argument("--family", default="cifar", choices=["cifar", "imagenet"])
@@ -105,41 +112,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="TFDS data_dir of --input")
     p.add_argument("--augmentation", default="random_resized_crop", help="for --input")
     p.add_argument("--input-batches", type=int, default=20, help="batches timed for --input")
-    p.add_argument(
-        "--demo-vs-torch",
-        action="store_true",
-        help="time `make demo`'s sweep from an empty, then a warm compilation cache, and its "
-        "PyTorch eager twin (same nets, split, recipe, jobs per core): demo_vs_torch.{json,md}",
-    )
-    p.add_argument("--cold", action="store_true", help="--demo-vs-torch: the cold sweep only")
-    p.add_argument(
-        "--demo-overrides",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="--demo-vs-torch: Hydra overrides for both sweeps, e.g. trainer.iterations=22 "
-        "hydra.sweeper.params.depth=8 \"hydra.sweeper.params.model='plain,residual'\"",
-    )
-    p.add_argument("--out", default=None, help="default: results/benchmarks/<device>/")
-    p.add_argument("--name", default=None, help="file stem; default: a timestamp")
+    add_output_args(p, "a timestamp")
     return p.parse_args(argv)
-
-
-def device_label() -> str:
-    """A folder name for this device, e.g. 'cpu-2cores' or 'nvidia-h100-80gb-hbm3'."""
-    import jax
-
-    kind = jax.devices()[0].device_kind
-    if jax.default_backend() == "cpu":
-        kind = f"cpu-{os.cpu_count()}cores"
-    return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
 def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int, int | None]:
     """The (model, depth) jobs a preset sweeps, its batch size, iterations per run, bn_batch."""
-    from experiments.config import compose_config
+    from experiments.cli.train_config import compose_train
 
-    cfg = compose_config([f"experiment={name}"])
+    cfg = compose_train([f"experiment={name}"])
     params = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
     other = sorted(set(params) - {"model", "depth"})
     if other:
@@ -149,10 +130,6 @@ def preset_jobs(name: str) -> tuple[list[tuple[str, int]], int, int, int | None]
     jobs = [(m, d) for m in models for d in depths]
     bn_batch = None if cfg.bn_batch is None else int(cfg.bn_batch)
     return jobs, int(cfg.trainer.batch_size), int(cfg.trainer.iterations), bn_batch
-
-
-class UsageError(Exception):
-    """A request that cannot run: main prints it as one error line and exits with 2."""
 
 
 def apply_preset(args: argparse.Namespace) -> tuple[list[tuple[str, int]], int] | None:
@@ -209,10 +186,9 @@ def set_up_backends(args: argparse.Namespace, cases: list[tuple]) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     if not args.torch:
         return
-    from resnet_flax.bench.torch_baseline import check_torch_spec, torch_available
+    from benchmarks.torch_baseline import check_torch_spec
 
-    if not torch_available():
-        raise UsageError("--torch needs PyTorch (pip install torch==2.13.0)")
+    require_torch("--torch")
     try:
         for model, depth in dict.fromkeys((m, d) for m, d, *_ in cases):
             check_torch_spec(ModelSpec(model=model, depth=depth, family=args.family))
@@ -224,16 +200,9 @@ class ResultFiles:
     """The benchmark's JSON and Markdown files, rewritten after every row."""
 
     def __init__(self, args: argparse.Namespace, argv: list[str] | None):
-        self.out = Path(args.out or Path("results") / "benchmarks" / device_label())
+        self.out = results_dir(args.out)
         self.stem = args.name or time.strftime("%Y%m%d-%H%M%S")
-        words = argv if argv is not None else sys.argv[1:]
-        self.meta = {
-            "command": "python -m experiments.benchmark " + " ".join(words),
-            "git_commit": git_commit(),
-            "versions": library_versions(),
-            "machine": platform.platform(),
-            "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        }
+        self.meta = provenance("benchmarks.step_time", argv)
         self.cores_text = (
             "all" if args.cores is None else f"{args.cores} (pinned: {self.meta['cores']})"
         )
@@ -241,7 +210,7 @@ class ResultFiles:
 
     def save(self, row: dict | None = None, estimate: str = "") -> None:
         """Add a row and rewrite both files: a run cut short keeps every row it measured."""
-        from resnet_flax.bench.step_timer import markdown_table
+        from benchmarks.step_timer import markdown_table
 
         if row is not None:
             print(json.dumps(row), flush=True)
@@ -261,7 +230,7 @@ class ResultFiles:
 
 def measure_input(args: argparse.Namespace, size: int, files: ResultFiles) -> None:
     """The streaming input pipeline's images/s on this host (a missing dataset fails here)."""
-    from resnet_flax.bench.step_timer import input_row
+    from benchmarks.step_timer import input_row
     from resnet_flax.data.memory import DataError
 
     try:
@@ -280,8 +249,8 @@ def measure_input(args: argparse.Namespace, size: int, files: ResultFiles) -> No
 
 def time_cases(args: argparse.Namespace, cases: list[tuple], size: int, files: ResultFiles) -> None:
     """Time JAX's step for every case and, with --torch, PyTorch's once per net and grouping."""
-    from resnet_flax.bench.step_timer import BenchCase, run_case
-    from resnet_flax.bench.torch_baseline import TorchStepTimer
+    from benchmarks.step_timer import BenchCase, run_case
+    from benchmarks.torch_baseline import TorchStepTimer
 
     torch_done: set[tuple[str, int, int | None]] = set()
     for model, depth, batch, precision, impl, stage_loop, seeds, bn_batch in cases:
@@ -323,7 +292,7 @@ def preset_estimate(
     args: argparse.Namespace, jobs: list[tuple[str, int]], iterations: int, rows: list[dict]
 ) -> str:
     """The preset's estimated wall time on this device, one line per precision."""
-    from resnet_flax.bench.step_timer import preset_estimate_h
+    from benchmarks.step_timer import preset_estimate_h
 
     jax_rows = [r for r in rows if r.get("framework") == "jax"]
     estimate = ""
@@ -343,27 +312,19 @@ def preset_estimate(
 
 def main(argv: list[str] | None = None) -> int:
     """Run every requested case and write JSON and Markdown results."""
-    args = parse_args(argv)
-    if args.demo_vs_torch:
-        from experiments.demo_vs_torch import demo_vs_torch
+    return exit_code(lambda: benchmark(parse_args(argv), argv))
 
-        try:
-            return demo_vs_torch(args, argv)
-        except UsageError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+
+def benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Check every case, then time each, the files rewritten after every row."""
     size = args.image_size or (32 if args.family == "cifar" else 224)
-    try:
-        preset = apply_preset(args)
-        cases = make_cases(args)
-        set_up_backends(args, cases)
-        files = ResultFiles(args, argv)
-        if args.input:
-            measure_input(args, size, files)
-        time_cases(args, cases, size, files)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    preset = apply_preset(args)
+    cases = make_cases(args)
+    set_up_backends(args, cases)
+    files = ResultFiles(args, argv)
+    if args.input:
+        measure_input(args, size, files)
+    time_cases(args, cases, size, files)
     estimate = ""
     if preset is not None and not args.compile_only:
         estimate = preset_estimate(args, *preset, files.rows)

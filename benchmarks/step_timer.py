@@ -16,8 +16,10 @@ from resnet_flax.data.config import DataConfig, StreamConfig
 from resnet_flax.data.memory import Dataset
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.config import TrainerConfig
-from resnet_flax.training.loop import set_up
 from resnet_flax.training.optim import OptimConfig
+from resnet_flax.training.run_config import RunConfig
+from resnet_flax.training.runtime import make_mesh
+from resnet_flax.training.setup import set_up
 
 PAPER_ITERATIONS = 64_000
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -87,7 +89,7 @@ def run_case(
         model=case.model,
         depth=case.depth,
         family=case.family,
-        dtype=case.precision,
+        precision=case.precision,
         conv_impl=case.conv_impl,
         remat=case.remat,
         stage_loop=case.stage_loop,
@@ -95,7 +97,8 @@ def run_case(
         bn_batch=case.bn_batch,
     )
     data = synthetic_dataset(case.image_size, case.batch_size)
-    data_cfg = DataConfig(name="synthetic", crop_padding=4, flip=True)
+    # An in-memory set of our own arrays (the npz mode), augmented as CIFAR is.
+    data_cfg = DataConfig(name="npz", crop_padding=4, flip=True)
     trainer = TrainerConfig(
         iterations=PAPER_ITERATIONS,
         batch_size=case.batch_size,
@@ -106,7 +109,7 @@ def run_case(
         step_loop=case.step_loop,
     )
     trainer = dataclasses.replace(trainer, vmap_seeds=case.vmap_seeds)
-    run = set_up(spec, data, data_cfg, OptimConfig(), trainer, seed=0)
+    run = set_up(RunConfig(spec, data_cfg, OptimConfig(), trainer), data, make_mesh())
     source, state = run.source, run.state
     chunk = run.program.compiled_repeat(state, source.train_data, steps)
     base = {
