@@ -20,9 +20,15 @@ he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def decided(spec: ModelSpec) -> ModelSpec:
+    """The spec with its "auto" choices decided for this process's backend (a run's are)."""
+    auto = "auto" in (spec.conv_impl, spec.stage_loop, spec.block)
+    return for_backend(spec, current_backend()) if auto else spec
+
+
 def _conv_fn(spec: ModelSpec) -> Callable:
     """The convolution primitive for this spec (XLA's, or the CPU-friendly custom VJP)."""
-    return select_conv(spec.conv_impl)
+    return select_conv(decided(spec).conv_impl)
 
 
 def _batch_norm(
@@ -197,7 +203,7 @@ class Stage(nnx.Module):
 
     def __init__(self, spec: ModelSpec, kind: str, cin: int, plan: StagePlan, rngs: nnx.Rngs):
         self.remat = spec.remat
-        self.unroll = spec.stage_loop == "unroll"
+        self.unroll = decided(spec).stage_loop == "unroll"
         self.first = Block(
             spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs, stage_first=True
         )
@@ -317,7 +323,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> ResNet:
     in the digits demo. XLA's optimisations are off for this program, which runs once:
     ResNet-8 4.3 -> 1.2 s, ResNet-56 9.3 -> 2.6 s.
     """
-    arch = resolve(for_backend(spec, current_backend()))
+    arch = resolve(decided(spec))
     graphdefs = []
 
     def draw(seed_):
@@ -332,7 +338,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> ResNet:
 
 def abstract_model(spec: ModelSpec) -> ResNet:
     """The network with shapes only (no memory, no compile): for counting and restoring."""
-    arch = resolve(for_backend(spec, current_backend()))
+    arch = resolve(decided(spec))
     return nnx.eval_shape(lambda: ResNet(arch, rngs=nnx.Rngs(0)))
 
 
