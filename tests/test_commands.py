@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli.model_config import model_spec
 from experiments.cli.preflight import problems
+from experiments.cli.resume import resume_command
 from experiments.cli.train_config import run_config
 from resnet_flax.data.config import DATASETS, STREAMED
 
@@ -127,3 +130,31 @@ def test_generated_imagenette_without_the_extra_says_how_to_install_it(tmp_path)
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert ".venv/bin/pip install -e '.[tfds]'" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def hydra_node(mode: RunMode, task: list[str], hydra: list[str]) -> DictConfig:
+    """The parts of HydraConfig that resume_command reads."""
+    return OmegaConf.create(
+        {
+            "mode": mode,
+            "sweep": {"dir": "/sweeps/s"},
+            "runtime": {"output_dir": "/runs/r"},
+            "overrides": {"task": task, "hydra": hydra},
+        }
+    )
+
+
+def test_resume_command_names_the_directory_the_job_wrote():
+    # Fails when the printed command keeps a directory it was given (or none: a timestamped
+    # default starts afresh), or drops the launcher or the sweep flag of a worker's job.
+    entry = str(ROOT / "experiments" / "train.py")
+    run = hydra_node(RunMode.RUN, ["depth=8"], ["hydra.run.dir=/old", "hydra.mode=RUN"])
+    args = shlex.split(resume_command(run, [entry, "depth=8", "hydra.run.dir=/old"]))
+    assert args[1:] == ["-m", "experiments.train", "depth=8", "hydra.run.dir=/runs/r"]
+    hydra = ["hydra/launcher=slurm", "hydra.mode=MULTIRUN", "hydra.sweep.dir=/old"]
+    job = hydra_node(RunMode.MULTIRUN, ["depth=8", "model=plain"], hydra)
+    args = shlex.split(resume_command(job, ["-m", "submitit.core._submit", "/tmp/x"]))
+    assert args[1:] == [
+        "-m", "experiments.train", "-m", "depth=8", "model=plain", "hydra/launcher=slurm",
+        "hydra.sweep.dir=/sweeps/s",
+    ]  # fmt: skip

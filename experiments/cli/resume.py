@@ -22,9 +22,10 @@ ENTRY_POINT = ROOT / "experiments" / "train.py"
 def resume_command(hc: DictConfig, argv: Sequence[str] | None = None) -> str:
     """The shell command that resumes the job of HydraConfig `hc` in the directory it wrote.
 
-    In the process the user started (argv[0] is experiments/train.py) it is that command line,
-    so a sweep resumes every job (completed ones are skipped); in a launcher's worker process
-    it is the job's own overrides, into the same sweep directory.
+    Where argv is the user's command line (argv[0] is experiments/train.py: the process the
+    user started, or a joblib worker, which inherits it) it is that command, so a sweep resumes
+    every job (completed ones are skipped); elsewhere (a submitit job) it is the job's own
+    overrides, into the same sweep directory.
     """
     argv = list(sys.argv if argv is None else argv)
     multirun = hc.mode == RunMode.MULTIRUN
