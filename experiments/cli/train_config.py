@@ -87,6 +87,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     for part, cls in FLAT.items():
         names = [f.name for f in command_fields(cls)]
         sections[part] = {name: values.pop(name) for name in names if name in values}
+    if values:  # added with +key: Hydra lets a + override add a key the schema lacks
+        valid = sorted([f.name for cls in FLAT.values() for f in command_fields(cls)] + [*GROUPS])
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(values))}; valid: {', '.join(valid)}")
     cache = sections["info"].get("compilation_cache_dir")
     if cache:
         path = Path(cache).expanduser()

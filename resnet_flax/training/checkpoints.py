@@ -7,8 +7,15 @@ import time
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+# absl, logging while Orbax imports, adds a stderr handler to the root logger when it has none
+# (logging.basicConfig): the application's own log config would then print every line twice.
+_ROOT_HANDLERS = set(logging.root.handlers)
+import orbax.checkpoint as ocp  # noqa: E402
+
+for _handler in set(logging.root.handlers) - _ROOT_HANDLERS:
+    logging.root.removeHandler(_handler)
 
 log = logging.getLogger(__name__)
 

@@ -102,3 +102,22 @@ def remove_if_empty(run_dir: Path) -> None:
         elif path.exists():
             path.unlink()
     run_dir.rmdir()
+
+
+def outcome_line(run_dir: Path, summary: dict) -> str:
+    """A job's last log line: its status and each run's final training and test error.
+
+    A seed group's summary holds its seeds' summaries under "runs": each seed is named.
+    """
+    group = "runs" in summary
+    parts = [f"{run_dir}: {summary.get('status')}"]
+    for run in summary.get("runs") or [summary]:
+        seed = f"seed {run.get('seed')}: {run.get('status')}, " if group else ""
+        train, test = (_percent(run.get(f"final_{split}_error")) for split in ("train", "test"))
+        parts.append(f"{seed}final training error {train}, test error {test}")
+    return "; ".join(parts) if group else ", ".join(parts)
+
+
+def _percent(error: float | None) -> str:
+    """An error (a fraction) in percent; 'none' when the run recorded none."""
+    return "none" if error is None else f"{100 * error:.2f}%"

@@ -31,10 +31,7 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, iteration: int, run_dir: str):
         self.signum, self.iteration, self.run_dir = signum, iteration, run_dir
         name = signal.Signals(signum).name
-        super().__init__(
-            f"{run_dir}: stopped by {name} at iteration {iteration}, checkpoint saved; "
-            "rerun the same command to resume"
-        )
+        super().__init__(f"{run_dir}: stopped by {name} at iteration {iteration}, checkpoint saved")
 
     def __reduce__(self):
         """Pickle by the constructor's arguments (the guard sends it between processes)."""

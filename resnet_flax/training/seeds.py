@@ -302,7 +302,10 @@ class SeedGroup:
         for run in self.runs:
             if run.running:
                 run.status = RunStatus.INTERRUPTED
-                run.message = f"stopped by {name} at iteration {iteration}; rerun to resume"
+                run.message = (
+                    f"stopped by {name} at iteration {iteration}; its command, rerun into the "
+                    "same run directory, resumes it"
+                )
                 partial = final_numbers(run.recorder.history, steps_per_epoch, iteration)
                 run.write_status(iteration, **partial)
 
