@@ -11,7 +11,7 @@ from pathlib import Path
 
 from resnet_flax.analysis.plots import make_all_figures
 from resnet_flax.analysis.report import write_report
-from resnet_flax.analysis.runs import load_runs
+from resnet_flax.analysis.runs import load_failed_jobs, load_runs
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
     runs = load_runs(args.paths)
+    for job in load_failed_jobs(args.paths):  # jobs that left no run to show
+        print(f"failed job {job['job']}: {job['message']}")
     if runs.empty:
         print(
             "error: no runs found (no summary.json, metrics.jsonl or .hydra/config.yaml) "

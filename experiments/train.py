@@ -25,7 +25,13 @@ from experiments.config import (
 )
 from resnet_flax.data.memory import DataError
 from resnet_flax.models.spec import SpecError
-from resnet_flax.rundir import RunStatus
+from resnet_flax.rundir import RunDirError, record_failed_job
+from resnet_flax.rundir.identity import (
+    DATA_DERIVED,
+    check_run_dir,
+    completed_iterations,
+    config_dict,
+)
 from resnet_flax.training.config import ConfigError
 from resnet_flax.training.cpu_devices import (
     CpuDevicesError,
@@ -34,7 +40,7 @@ from resnet_flax.training.cpu_devices import (
     usable_cores,
     use_cpu_devices,
 )
-from resnet_flax.training.guard import JobDied, run_guarded
+from resnet_flax.training.guard import JobDied, run_guarded, run_here
 from resnet_flax.training.loop import train
 from resnet_flax.training.preemption import RunInterrupted
 from resnet_flax.training.runtime import enable_compilation_cache, maybe_initialize_distributed
@@ -53,7 +59,12 @@ def main(cfg: DictConfig) -> dict | None:
         spec, data_cfg, optim, trainer, info = to_library(cfg)
         finished = completed_summary(run_dir, trainer, info.seed)
         if finished is not None:
-            log.info("%s already completed %d iterations; skipping", run_dir, trainer.iterations)
+            # A finished run is skipped only for a command that asks for this run.
+            parts = {"model": spec, "data": data_cfg, "optim": optim, "trainer": trainer}
+            requested = config_dict(**parts, info=info)
+            check_run_dir(run_dir, requested, trainer.allow_recipe_change, DATA_DERIVED)
+            done = completed_iterations(finished)
+            log.info("%s already completed %d iterations; skipping", run_dir, done)
             return finished
         # Jobs of a parallel sweep share the cores: each splits only its share into devices
         # and keeps every device single-threaded.
@@ -66,20 +77,25 @@ def main(cfg: DictConfig) -> dict | None:
         # Collectives between CPU devices of one process can abort it (XLA's timeout): such
         # runs train in a child process, so the abort is recorded and a sweep goes on.
         guarded = count > 1 and not jax_backend_started()
-        summary = run_guarded(job, run_dir) if guarded else job()
-    except (SpecError, DataError, ConfigError, CpuDevicesError) as err:
+        summary = run_guarded(job, run_dir) if guarded else run_here(job, run_dir)
+    except (SpecError, DataError, ConfigError, CpuDevicesError, RunDirError) as err:
         # One clear line instead of a traceback; nothing has compiled yet.
         print(f"error: {err}", file=sys.stderr)
         remove_if_empty(run_dir)
+        if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; its exit status will say so
+            return record_failed_job(Path(hc.sweep.dir), run_dir, str(err))
         sys.exit(2)
     except JobDied as err:
         print(f"error: {run_dir}: {err}", file=sys.stderr)
         if hc.mode != RunMode.MULTIRUN:
             sys.exit(1)
-        return {"status": RunStatus.FAILED, "message": str(err)}
+        return record_failed_job(Path(hc.sweep.dir), run_dir, str(err))
     except RunInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         hand_on(err.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: the run stopped where it was
+        print(f"interrupted: {run_dir}: stopped at once; rerun to resume", file=sys.stderr)
+        sys.exit(130)
     log.info(
         "%s: %s, final training error %s, test error %s",
         run_dir,

@@ -15,11 +15,13 @@ import yaml
 
 from resnet_flax.rundir import (
     ANALYSIS_FILE,
+    FAILED_JOBS_FILE,
     HYDRA_CONFIG_FILE,
     METRICS_FILE,
     SEED_GROUP_MARKER,
     SUMMARY_FILE,
     RunStatus,
+    read_failed_jobs,
     read_json,
     read_metrics,
     read_summary,
@@ -84,6 +86,17 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
             if is_run_dir(Path(root)):
                 found.add(Path(root).resolve())
     return sorted(found)
+
+
+def load_failed_jobs(paths: Sequence[str | Path]) -> list[dict]:
+    """The jobs that sweeps at or below `paths` recorded as failed (failed_jobs.jsonl)."""
+    found = []
+    for path in map(Path, paths):
+        for record in sorted(path.rglob(FAILED_JOBS_FILE)):
+            found += [
+                {**job, "sweep_dir": str(record.parent)} for job in read_failed_jobs(record.parent)
+            ]
+    return found
 
 
 def is_run_dir(path: Path) -> bool:

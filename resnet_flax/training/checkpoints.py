@@ -10,7 +10,13 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from resnet_flax.rundir import RunDirError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(RunDirError):
+    """A readable checkpoint of another training state (another network or dataset)."""
 
 
 class Checkpointer:
@@ -21,6 +27,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers=ocp.StandardCheckpointHandler(),  # reads each step's tree metadata
         )
 
     def save(self, step: int, state) -> None:
@@ -37,7 +44,18 @@ class Checkpointer:
         return sorted(self.manager.all_steps(), reverse=True)
 
     def restore(self, step: int, abstract_state) -> object | None:
-        """The state saved at `step`, or None (with a warning) when it cannot be read."""
+        """The state saved at `step`, or None (with a warning) when it cannot be read.
+
+        Raises CheckpointMismatch when the checkpoint reads but holds another state: that
+        is not corruption, and the checkpoint is left where it is.
+        """
+        mismatch = self.mismatch(step, abstract_state)
+        if mismatch:
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} holds another training state than this "
+                f"command builds ({mismatch}): the run directory belongs to another "
+                "configuration; train into another hydra.run.dir"
+            )
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as err:  # any failure to read means this checkpoint is unusable
@@ -49,6 +67,27 @@ class Checkpointer:
                 str(err).splitlines()[0][:200] if str(err) else "",
             )
             return None
+
+    def mismatch(self, step: int, abstract_state) -> str | None:
+        """How the tree saved at `step` differs from `abstract_state`; None if it does not,
+        or if its metadata cannot be read (then the restore tells).
+        """
+        try:
+            saved = leaf_shapes(self.manager.item_metadata(step).tree)
+        except Exception:  # unreadable metadata: a corrupt checkpoint, judged by the restore
+            return None
+        wanted = leaf_shapes(abstract_state)
+        missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+        reshaped = [k for k in sorted(wanted.keys() & saved.keys()) if wanted[k] != saved[k]]
+        if missing or extra:
+            parts = [f"lacks {'.'.join(missing[0])}" if missing else ""]
+            parts += [f"has {'.'.join(extra[0])}" if extra else ""]
+            counted = f"{len(missing)} leaves missing, {len(extra)} extra"
+            return f"{counted}: it {' and '.join(p for p in parts if p)}"
+        if reshaped:
+            k = reshaped[0]
+            return f"{'.'.join(k)} has shape {saved[k]}, this command's {wanted[k]}"
+        return None
 
     def set_aside(self, step: int, folder: str, why: str) -> Path:
         """Move checkpoint `step` out of Orbax's steps to <folder>/<step>-<time>; its new path."""
@@ -85,6 +124,20 @@ class Checkpointer:
         """Finish pending saves and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def leaf_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path: shape} of a pytree's leaves, paths spelt alike for states and Orbax metadata."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _key_name(key) -> str:
+    """A path entry's name, whatever kind of node it indexes (dict, sequence, attribute)."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def abstract_like(state) -> object:

@@ -18,6 +18,8 @@ from resnet_flax.data.memory import DataConfig, Dataset
 from resnet_flax.data.stream import Stream
 from resnet_flax.models.spec import ModelSpec, complete_spec
 from resnet_flax.rundir import RunStatus, git_commit, library_versions
+from resnet_flax.rundir.identity import claim_run_dir
+from resnet_flax.rundir.owner import owning
 from resnet_flax.training.config import (
     RunInfo,
     TrainerConfig,
@@ -83,6 +85,7 @@ def set_up(
     return Setup(spec, trainer, mesh, source, group, graphdef, program, state, param_count, origin)
 
 
+@owning  # the run directories this call claims are released when it returns
 def train(
     run_dir: str | Path,
     spec: ModelSpec,
@@ -106,13 +109,15 @@ def train(
     run = set_up(spec, data, data_cfg, optim, trainer, info.seed, info.init_from)
     trainer, source, group, program = run.trainer, run.source, run.group, run.program
     warn_if_vmapped_on_cpu(group)
-    start, state = group.restore(run_dir, run.state, trainer.keep_checkpoints, run.mesh)
-    state, origin_fields = start_state(run, run_dir, start, state)  # init_from: constructed
-    parts = {"model": run.spec, "data": data_cfg, "optim": optim, "trainer": trainer}
+    parts = {"model": run.spec, "data": data_cfg, "optim": optim, "trainer": trainer, "info": info}
     config = {name: dataclasses.asdict(part) for name, part in parts.items()}
     writer = jax.process_index() == 0  # one process of a multi-host job writes the records
+    # One owner, one run: refuse before restoring when the directory holds another run.
+    claim = claim_run_dir(run_dir, config, trainer.allow_recipe_change, lock=writer)
+    start, state = group.restore(run_dir, run.state, trainer.keep_checkpoints, run.mesh)
+    state, origin_fields = start_state(run, run_dir, start, state)  # init_from: constructed
     fields = {**run_fields(run, info), **origin_fields}
-    group.open_records(run_dir, start, info, fields, config, writer)
+    group.open_records(run_dir, start, info, fields, claim.record(start, writer), writer)
     source.start(start)
     bar = progress_bar(run, start)
     t_start, train_s, iteration, stopped = time.perf_counter(), 0.0, start, None

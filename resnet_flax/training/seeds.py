@@ -28,20 +28,15 @@ from resnet_flax.rundir import (
     RunRecorder,
     RunStatus,
     read_summary,
+    seed_run_dirs,
     write_json,
 )
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like, restore_common
 from resnet_flax.training.config import RunInfo
+from resnet_flax.training.preemption import RunInterrupted, requested_stop
 from resnet_flax.training.state import SEED_AXES, initial_state, seed_state, stack_seeds
 
 log = logging.getLogger(__name__)
-
-
-def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
-    """Where each seed writes: run_dir itself, or run_dir/seed_<s> when seeds train together."""
-    if len(seeds) == 1:
-        return [Path(run_dir)]
-    return [Path(run_dir) / f"seed_{s}" for s in seeds]
 
 
 @dataclass
@@ -137,7 +132,15 @@ class SeedGroup:
 
     def open_records(self, run_dir: Path, start: int, info: RunInfo, fields: dict,
                      run_config: dict, writer: bool) -> None:  # fmt: skip
-        """Start each seed's records at `start`; one process (`writer`) writes the files."""
+        """Start each seed's records at `start`; one process (`writer`) writes the files.
+
+        A stop signal received before (while the data loaded or the state restored) stops
+        the run here, before anything is written.
+        """
+        stopped = requested_stop()
+        if stopped is not None:
+            self.close_checkpoints()
+            raise RunInterrupted(stopped, start, str(run_dir), before_start=True)
         dirs = seed_run_dirs(run_dir, self.seeds)
         if self.stacked and writer:
             run_dir.mkdir(parents=True, exist_ok=True)
