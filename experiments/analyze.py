@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
         help="analyse the newest checkpoint that restores even when it is older than the "
         "run's final iteration in summary.json (by default such a run is skipped)",
     )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="analyse the newest checkpoint of a run that did not complete (interrupted, "
+        "failed, or killed: by default such a run is skipped)",
+    )
     args = p.parse_args(argv)
     from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
 
@@ -34,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for run in runs:
         try:
-            result = analyze_run(run, args.grad_batch, args.allow_older_checkpoint)
+            result = analyze_run(
+                run, args.grad_batch, args.allow_older_checkpoint, args.allow_unfinished
+            )
         except AnalysisError as err:
             print(f"skip {run}: {err}", file=sys.stderr)
             failures += 1

@@ -450,6 +450,7 @@ def test_an_invalid_job_fails_alone_and_the_sweep_says_so(tmp_path):
     assert f"failed job {failed['job']}: {failed['message']}" in shown.stdout
 
 
+@pytest.mark.slow
 def test_a_rejected_or_skipped_command_leaves_the_runs_hydra_record(tmp_path):
     run = tmp_path / "run"
     assert train_cli(run, "trainer.iterations=10", "cpu_devices=1").returncode == 0
@@ -461,3 +462,63 @@ def test_a_rejected_or_skipped_command_leaves_the_runs_hydra_record(tmp_path):
     assert rejected.returncode == 2
     assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == recorded
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".hydra"]
+
+
+# --- truthful records ---------------------------------------------------------------------
+
+
+def kill_when_trained(proc: subprocess.Popen, run: Path, victim: int, iteration: int) -> None:
+    """SIGKILL `victim` once the run's metrics pass `iteration`, then let proc end."""
+
+    def reached() -> bool:
+        return any(m.get("iteration", 0) >= iteration for m in read_metrics(run / "metrics.jsonl"))
+
+    wait_until(reached, proc, f"iteration {iteration}")
+    os.kill(victim, signal.SIGKILL)
+    proc.communicate(timeout=300)
+
+
+def test_a_killed_run_reads_incomplete_as_far_as_it_got_and_is_not_analysed(tmp_path, capsys):
+    from experiments.analyze import main as analyze
+    from experiments.plot import main as plot
+    from resnet_flax.analysis.runs import load_run
+
+    run = tmp_path / "run"
+    proc = start_cli(run, "trainer.iterations=4000", "cpu_devices=1")
+    kill_when_trained(proc, run, proc.pid, 15)
+    assert read_summary(run)["status"] == "running"  # what the killed process left
+    reached = max(m["iteration"] for m in read_metrics(run / "metrics.jsonl"))
+    row = load_run(run)
+    assert row["status"] == "incomplete" and row["iterations"] == reached >= 15
+    assert plot([str(run), "--out", str(tmp_path / "fig")]) == 0
+    assert "{'incomplete': 1}" in capsys.readouterr().out
+    assert analyze([str(run)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"is incomplete at iteration {reached}, not completed" in err
+        and "--allow-unfinished" in err
+    )
+    assert not (run / "analysis.json").exists()
+
+
+def test_a_dead_trainer_leaves_a_failed_run_as_far_as_it_got(tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli(run, "trainer.iterations=4000")  # several cores: a guarded child
+    wait_until(lambda: children(proc.pid), proc, "the trainer process")
+    (trainer,) = children(proc.pid)
+    kill_when_trained(proc, run, trainer, 15)
+    assert proc.returncode == 1
+    summary = read_summary(run)
+    reached = max(m["iteration"] for m in read_metrics(run / "metrics.jsonl"))
+    assert summary["status"] == "failed" and "SIGKILL" in summary["message"]
+    assert summary["iterations"] == reached >= 15
+
+
+def test_analysis_of_a_run_without_checkpoints_creates_none(tmp_path):
+    from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
+
+    write_json(tmp_path / RUN_CONFIG_FILE, requested())
+    write_json(tmp_path / "summary.json", {"status": "completed", "iterations": 20})
+    with pytest.raises(AnalysisError, match="has no checkpoints/"):
+        analyze_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_CONFIG_FILE, "summary.json"]

@@ -215,6 +215,7 @@ class SeedGroup:
         for run, seed_state_ in zip(self.runs, self.unstack(state), strict=True):
             if run.running:
                 run.checkpointer.save(iteration, seed_state_)
+                run.write_status(iteration)  # how far it got, should the process be killed
         self.saved_at = iteration
 
     def interrupt(self, iteration: int, state: dict, signum: int, steps_per_epoch: int) -> None:
