@@ -522,3 +522,52 @@ def test_analysis_of_a_run_without_checkpoints_creates_none(tmp_path):
     with pytest.raises(AnalysisError, match="has no checkpoints/"):
         analyze_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_CONFIG_FILE, "summary.json"]
+
+
+@pytest.mark.slow
+def test_a_restart_from_zero_keeps_no_old_line(tmp_path):
+    run = tmp_path / "run"
+    # killed before its first checkpoint: the rerun starts from iteration 0 again
+    proc = start_cli(
+        run, "trainer.iterations=4000", "trainer.checkpoint_every=4000", "cpu_devices=1"
+    )
+    kill_when_trained(proc, run, proc.pid, 10)
+    with (run / "metrics.jsonl").open("a") as f:  # a line without an iteration, added by hand
+        f.write('{"note": "restarted"}\n')
+    assert train_cli(run, "trainer.iterations=10", "cpu_devices=1").returncode == 0
+    assert [m["iteration"] for m in read_metrics(run / "metrics.jsonl")] == [0, 5, 10, 10]
+
+
+# --- shardings that hold ------------------------------------------------------------------
+
+# Full-batch gradient descent: the batch is the whole training set (64 digits kept).
+FULL_BATCH = ["dataset.validation_size=1373", "trainer.batch_size=64", "trainer.iterations=3"]
+FULL_BATCH += ["trainer.log_every=1", "trainer.eval_every=3", "trainer.checkpoint_every=3"]
+
+
+@pytest.mark.parametrize(
+    ("devices", "loop"),
+    [
+        (2, "python"),
+        pytest.param(2, "scan", marks=pytest.mark.slow),
+        pytest.param(8, "python", marks=pytest.mark.slow),
+        pytest.param(8, "scan", marks=pytest.mark.slow),
+    ],
+)
+def test_full_batch_training_on_several_devices(tmp_path, devices, loop):
+    run = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run(
+        command(run, *FULL_BATCH, f"trainer.step_loop={loop}", f"cpu_devices={devices}"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["device_count"] == devices
+    # one step per epoch: the epoch column counts the steps
+    epochs = [m["epoch"] for m in read_metrics(run / "metrics.jsonl") if "lr" in m]
+    assert epochs == [1.0, 2.0, 3.0]
