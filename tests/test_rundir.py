@@ -571,3 +571,93 @@ def test_full_batch_training_on_several_devices(tmp_path, devices, loop):
     # one step per epoch: the epoch column counts the steps
     epochs = [m["epoch"] for m in read_metrics(run / "metrics.jsonl") if "lr" in m]
     assert epochs == [1.0, 2.0, 3.0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a tmpfs of a few hundred KB (root only; skipped elsewhere)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        options = ["-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
+        done = subprocess.run(["mount", *options], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_ends_in_one_error_line_with_the_status_written(small_disk):
+    run = small_disk("100k") / "run"  # room for the records, not for a checkpoint
+    proc = train_cli(run, "trainer.iterations=20")
+    (line,) = error_lines(proc.stderr)
+    assert proc.returncode == 2 and line.startswith(f"error: {run}: cannot write")
+    assert "No space left on device" in line and "Traceback" not in proc.stdout
+    summary = read_summary(run)
+    assert summary["status"] == "failed" and "No space left" in summary["message"]
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".summary.json.*"))
+
+
+def test_a_read_only_run_directory_ends_in_one_error_line(small_disk):
+    disk = small_disk("1m")
+    (disk / "run").mkdir()
+    write_json(disk / "run" / "summary.json", {"status": "completed", "iterations": 10})
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    proc = train_cli(disk / "run", "trainer.iterations=20")
+    (line,) = error_lines(proc.stderr)
+    assert proc.returncode == 2 and line == (
+        f"error: {disk / 'run'} is not writable (read-only file system or permissions): "
+        "choose another hydra.run.dir (or hydra.sweep.dir)"
+    )
+    assert not proc.stdout
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_falls_back_without_orbax_noise(tmp_path):
+    run = tmp_path / "run"
+    assert train_cli(run, "trainer.iterations=20", "cpu_devices=1").returncode == 0
+    for chunk in (run / "checkpoints" / "20" / "default" / "ocdbt.process_0" / "d").iterdir():
+        chunk.unlink()  # the newest checkpoint's arrays are gone
+    proc = train_cli(run, "trainer.iterations=30", "cpu_devices=1")
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout and "resuming" in proc.stdout
+    assert "checkpoints/20 cannot be restored" in proc.stdout
+
+
+def test_npz_channels_first_binary_images_and_unseen_classes_are_said(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 2, (32, 3, 8, 8), dtype=np.uint8),  # NCHW, 0/1 values
+        y_train=np.arange(32) % 2,
+        x_test=rng.integers(0, 2, (6, 3, 8, 8), dtype=np.uint8),
+        y_test=np.array([0, 1, 2, 0, 1, 2]),  # class 2 never in training
+    )
+    run = tmp_path / "run"
+    proc = train_cli(
+        run,
+        "dataset=npz",
+        f"dataset.path={path}",
+        "dataset.num_classes=3",
+        "trainer.iterations=2",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "trainer.checkpoint_every=2",
+        "cpu_devices=1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout
+    assert "has shape (32, 3, 8, 8), channels first" in log and "(32, 8, 8, 3)" in log
+    assert "'x_train' holds values up to 1 only" in log
+    assert "classes 2 occur in y_test but never in y_train" in log and "2 test images" in log
+    model = read_json(run / RUN_CONFIG_FILE)["model"]
+    assert model["in_channels"] == 3  # trained as 8x8 images of 3 channels

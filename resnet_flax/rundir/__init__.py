@@ -12,6 +12,7 @@ from resnet_flax.rundir.records import (
     SUMMARY_FILE,
     VERSIONED,
     RunDirError,
+    RunDirUnwritable,
     RunRecorder,
     RunStatus,
     git_commit,
@@ -26,6 +27,8 @@ from resnet_flax.rundir.records import (
     record_failed_job,
     replace_text,
     seed_run_dirs,
+    unwritable_message,
+    write_failure,
     write_json,
 )
 
@@ -41,6 +44,7 @@ __all__ = [
     "SUMMARY_FILE",
     "VERSIONED",
     "RunDirError",
+    "RunDirUnwritable",
     "RunRecorder",
     "RunStatus",
     "git_commit",
@@ -55,5 +59,7 @@ __all__ = [
     "record_failed_job",
     "replace_text",
     "seed_run_dirs",
+    "unwritable_message",
+    "write_failure",
     "write_json",
 ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import secrets
 import subprocess
 import sys
-import tempfile
 import time
 import types
 import warnings
@@ -48,6 +49,40 @@ def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
 
 class RunDirError(ValueError):
     """A run directory that this command may not use as asked; the message says what to do."""
+
+
+class RunDirUnwritable(RunDirError):
+    """The run's files could not be written: a full disk, a read-only directory."""
+
+
+# The OS errors that mean a directory cannot take the run's files, and how libraries that
+# wrap them (Orbax, TensorStore) spell them.
+UNWRITABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
+UNWRITABLE_TEXTS = tuple(os.strerror(code) for code in UNWRITABLE_ERRNOS)
+
+
+def write_failure(err: BaseException | None) -> str | None:
+    """The OS's words when `err`, or an exception it chains, failed to write a file for a
+    full disk, a read-only directory or missing permissions; None for any other error."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in UNWRITABLE_ERRNOS:
+            return os.strerror(err.errno)
+        found = [text for text in UNWRITABLE_TEXTS if text in str(err)]
+        if found:
+            return found[0]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def unwritable_message(run_dir: Path, why: str) -> str:
+    """One line: the run's files could not be written, and what to do."""
+    return (
+        f"{run_dir}: cannot write the run's files ({why}): free space or make the directory "
+        "writable (or choose another hydra.run.dir), then rerun to resume from its last "
+        "checkpoint"
+    )
 
 
 class RunStatus(StrEnum):
@@ -91,9 +126,9 @@ def replace_text(path: Path, text: str) -> None:
 
     On failure (a full disk) the temporary file is removed and the old file stays whole.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

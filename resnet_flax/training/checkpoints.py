@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -10,9 +12,51 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from resnet_flax.rundir import RunDirError
+from resnet_flax.rundir import RunDirError, write_failure
 
 log = logging.getLogger(__name__)
+
+# How Orbax names the directory of a save that has not finished (<step>.orbax-checkpoint-tmp-*).
+TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _orbax_echo(args) -> bool:
+    """Whether an unraisable exception only echoes an Orbax operation that already failed
+    (and was reported): a callback into Orbax's closed event loop after a failed save, or a
+    read coroutine of a failed restore collected unawaited."""
+    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+        return True
+    code = getattr(args.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _quiet_unraisable(previous):
+    """An unraisable-exception hook that drops Orbax's echoes and passes on the rest."""
+
+    def hook(args) -> None:
+        if not _orbax_echo(args):
+            previous(args)
+
+    hook.quiets_orbax = True
+    return hook
+
+
+class _WriteFailureEcho(logging.Filter):
+    """Orbax's own log of a write that failed on a full or read-only disk: the exception it
+    raises says it once, so its log lines (with a traceback each) are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return write_failure(exc) is None and write_failure(Exception(record.getMessage())) is None
+
+
+def quiet_orbax_echoes() -> None:
+    """Install (once per process) the filters of Orbax's echoes of failures it reported."""
+    if not getattr(sys.unraisablehook, "quiets_orbax", False):
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _WriteFailureEcho) for f in absl.filters):
+        absl.addFilter(_WriteFailureEcho())
 
 
 class CheckpointMismatch(RunDirError):
@@ -23,6 +67,7 @@ class Checkpointer:
     """Saves the state every few iterations and restores the newest complete checkpoint."""
 
     def __init__(self, directory: Path, keep: int = 3):
+        quiet_orbax_echoes()
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -115,6 +160,12 @@ class Checkpointer:
             if state is not None:
                 return step, state
         return None
+
+    def discard_unfinished(self) -> None:
+        """Remove the temporary directories of saves that did not finish (a full disk's),
+        so the space they hold can take the run's status."""
+        for path in self.directory.glob(f"*{TMP_DIR_SUFFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def wait(self) -> None:
         """Block until pending saves are on disk."""

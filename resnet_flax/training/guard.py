@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from resnet_flax.rundir import mark_unfinished_failed
+from resnet_flax.rundir import (
+    RunDirUnwritable,
+    mark_unfinished_failed,
+    unwritable_message,
+    write_failure,
+)
 from resnet_flax.rundir.owner import own, ownership_scope
 from resnet_flax.training.preemption import STOP_SIGNALS, StopRequests, forward_stop_signals
 from resnet_flax.training.runtime import process_index_from_env
@@ -61,7 +66,19 @@ def owned_job(run_dir: Path) -> Iterator[None]:
 def run_here(job: Callable[[], T], run_dir: Path) -> T:
     """Run job() in this process, owning run_dir and recording stop signals from the start."""
     with owned_job(run_dir), StopRequests():
-        return job()
+        try:
+            return job()
+        except Exception as err:
+            converted = in_one_line(err, run_dir)
+            if converted is err:
+                raise
+            raise converted from None
+
+
+def in_one_line(err: Exception, run_dir: Path) -> Exception:
+    """A full disk or a read-only run directory as one RunDirUnwritable line; others as is."""
+    why = write_failure(err)
+    return err if why is None else RunDirUnwritable(unwritable_message(run_dir, why))
 
 
 def run_guarded(job: Callable[[], T], run_dir: Path) -> T:
@@ -76,7 +93,8 @@ def run_guarded(job: Callable[[], T], run_dir: Path) -> T:
     """
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_serve, args=(job, sender, os.getpid()), daemon=False)
+    args = (job, sender, os.getpid(), run_dir)
+    child = context.Process(target=_serve, args=args, daemon=False)
     with owned_job(run_dir):
         # Blocked across the fork: each process handles them only once its handlers are set.
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -119,7 +137,7 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), signum)
 
 
-def _serve(job: Callable[[], object], sender, parent_pid: int) -> None:
+def _serve(job: Callable[[], object], sender, parent_pid: int, run_dir: Path) -> None:
     """The child's side: run the job and send ('ok', result) or ('raised', exception)."""
     # Out of the terminal's process group: a Ctrl-C reaches the child once, through the parent.
     os.setpgid(0, 0)
@@ -128,7 +146,9 @@ def _serve(job: Callable[[], object], sender, parent_pid: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         try:
             outcome = ("ok", job())
-        except BaseException as err:  # handed to the parent, which re-raises it
+        except Exception as err:  # handed to the parent, which re-raises it
+            outcome = ("raised", in_one_line(err, run_dir))
+        except BaseException as err:
             outcome = ("raised", err)
     with contextlib.suppress(OSError):  # BrokenPipeError: the parent is gone
         try:

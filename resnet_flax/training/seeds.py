@@ -7,6 +7,7 @@ diverges. The loop talks to the group the same way in both cases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -29,6 +30,7 @@ from resnet_flax.rundir import (
     RunStatus,
     read_summary,
     seed_run_dirs,
+    write_failure,
     write_json,
 )
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like, restore_common
@@ -233,21 +235,36 @@ class SeedGroup:
         """Record every seed still running as failed with the exception that stopped the program.
 
         A KeyboardInterrupt (a second Ctrl-C) leaves the seeds interrupted: their newest
-        checkpoint is intact and a rerun resumes from it. A diverged seed stays diverged.
+        checkpoint is intact and a rerun resumes from it. A diverged seed stays diverged. On
+        a full disk the status is written where it still fits.
         """
+        why = write_failure(err)
         if isinstance(err, KeyboardInterrupt):
             status, message = RunStatus.INTERRUPTED, "stopped at once by a second Ctrl-C"
+        elif why is not None:
+            status, message = RunStatus.FAILED, f"cannot write the run's files ({why})"
         else:
             status, message = RunStatus.FAILED, f"{type(err).__name__}: {err}"
         for run in self.runs:
             if run.running:
                 run.status, run.message = status, message
-                run.write_status(iteration)
+                if why is not None:
+                    run.checkpointer.discard_unfinished()
+                with contextlib.suppress(OSError):  # the disk that failed may take no status
+                    run.write_status(run.last_iteration(iteration))
 
     def close_checkpoints(self) -> None:
-        """Finish pending checkpoint writes."""
-        for checkpointer in self._checkpointers:
-            checkpointer.close()
+        """Finish pending checkpoint writes; a write that failed fails the running seeds."""
+        error = None
+        for checkpointer in getattr(self, "_checkpointers", []):
+            try:
+                checkpointer.close()
+            except Exception as err:  # every checkpointer closes; the first error is raised
+                error = error or err
+        if error is not None:
+            reached = [m["iteration"] for r in self.runs for m in r.recorder.history]
+            self.fail(error, max(reached, default=0))
+            raise error
 
     def finish(self, iteration: int, steps_per_epoch: int, final: dict, timing: dict) -> dict:
         """Write every seed's final summary.json; one seed's summary, or the group's.
