@@ -322,6 +322,15 @@ def test_a_lock_is_exclusive_counted_and_released_with_its_scope(tmp_path):
     assert subprocess.run([*probe, str(tmp_path)], cwd=ROOT).returncode == 0
 
 
+def test_a_seed_groups_claim_covers_every_seeds_directory(tmp_path):
+    group = requested(trainer__vmap_seeds=2, info__seed=3)
+    with ownership_scope():
+        claim_run_dir(tmp_path, group)
+        held = [owner(d) for d in (tmp_path, tmp_path / "seed_3", tmp_path / "seed_4")]
+        assert held == [os.getpid()] * 3
+    assert [owner(d) for d in (tmp_path, tmp_path / "seed_3")] == [None, None]
+
+
 def test_two_commands_on_one_run_directory_one_trains_one_refuses(tmp_path):
     run = tmp_path / "run"
     first = start_cli(run, "trainer.iterations=40")
@@ -501,6 +510,7 @@ def test_a_killed_run_reads_incomplete_as_far_as_it_got_and_is_not_analysed(tmp_
     assert not (run / "analysis.json").exists()
 
 
+@pytest.mark.slow
 def test_a_dead_trainer_leaves_a_failed_run_as_far_as_it_got(tmp_path):
     run = tmp_path / "run"
     proc = start_cli(run, "trainer.iterations=4000")  # several cores: a guarded child
@@ -593,6 +603,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_error_line_with_the_status_written(small_disk):
     run = small_disk("100k") / "run"  # room for the records, not for a checkpoint
     proc = train_cli(run, "trainer.iterations=20")
