@@ -79,7 +79,7 @@ def main(cfg: DictConfig) -> dict | None:
         guarded = count > 1 and not jax_backend_started()
         summary = run_guarded(job, run_dir) if guarded else run_here(job, run_dir)
     except (SpecError, DataError, ConfigError, CpuDevicesError, RunDirError) as err:
-        # One clear line instead of a traceback; nothing has compiled yet.
+        # One clear line instead of a traceback.
         print(f"error: {err}", file=sys.stderr)
         remove_if_empty(run_dir)
         if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; its exit status will say so
