@@ -672,3 +672,13 @@ def test_npz_channels_first_binary_images_and_unseen_classes_are_said(tmp_path):
     assert "classes 2 occur in y_test but never in y_train" in log and "2 test images" in log
     model = read_json(run / RUN_CONFIG_FILE)["model"]
     assert model["in_channels"] == 3  # trained as 8x8 images of 3 channels
+
+
+def test_a_resumed_run_records_the_continuing_keys_asked_under_the_current_names(tmp_path):
+    write_json(tmp_path / RUN_CONFIG_FILE, requested())  # its data section is called "data"
+    asked = requested(data__data_dir="/new/place", trainer__iterations=40)
+    asked = {("dataset" if k == "data" else k): v for k, v in asked.items()}
+    with ownership_scope():
+        written = claim_run_dir(tmp_path, asked).record(20)
+    assert "data" not in written and written["dataset"]["data_dir"] == "/new/place"
+    assert written["trainer"]["iterations"] == 40 and written["dataset"]["name"] == "digits"

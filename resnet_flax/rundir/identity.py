@@ -115,7 +115,7 @@ def flatten(config: dict) -> dict[str, object]:
 def role(dotted: str) -> Role:
     """The role of a flattened key (an unknown key identifies the run)."""
     section, _, key = dotted.partition(".")
-    return ROLES.get(section, {}).get(key, Role.IDENTITY)
+    return ROLES.get(SECTION_NAMES.get(section, section), {}).get(key, Role.IDENTITY)
 
 
 def command_key(dotted: str) -> str:
@@ -218,17 +218,30 @@ class Claim:
             for run_dir in self.run_dirs:
                 with (run_dir / RECIPE_CHANGES_FILE).open("a", encoding="utf-8") as f:
                     f.write(json.dumps(line) + "\n")
-        recorded = {s: dict(v) if isinstance(v, dict) else v for s, v in self.previous.items()}
+        recorded = {}
         for section, values in self.requested.items():
-            if section == "info" or not isinstance(values, dict):
-                continue
-            name = next((s for s in recorded if SECTION_NAMES.get(s, s) == section), section)
-            kept = recorded.get(name, {})
-            recorded[name] = {
-                key: value if role(f"{section}.{key}") == Role.CONTINUE else kept.get(key, value)
-                for key, value in values.items()
-            }
+            # Under the requested section's name, whatever the run's file called it.
+            canonical = SECTION_NAMES.get(section, section)
+            name = next((s for s in self.previous if SECTION_NAMES.get(s, s) == canonical), None)
+            kept = self.previous.get(name) if name else None
+            if isinstance(values, dict) and section != "info":
+                recorded[section] = _continued(section, kept or {}, values)
+            else:
+                recorded[section] = values if kept is None else kept
         return recorded
+
+
+def _continued(prefix: str, kept: dict, asked: dict) -> dict:
+    """A section as a resumed run records it: the asked values of the continuing keys, the
+    run's own values of the others (nested nodes key by key)."""
+    out = {}
+    for key, value in asked.items():
+        dotted, old = f"{prefix}.{key}", kept.get(key, value)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = _continued(dotted, old, value)
+        else:
+            out[key] = value if role(dotted) == Role.CONTINUE else old
+    return out
 
 
 def group_dirs(run_dir: Path, requested: dict) -> list[Path]:
