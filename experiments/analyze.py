@@ -34,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         help="analyse the newest checkpoint that restores even when it is older than the "
         "run's final iteration in summary.json (by default such a run is skipped)",
     )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="analyse the newest checkpoint of a run that did not complete (interrupted, "
+        "failed, or killed: by default such a run is skipped)",
+    )
     args = p.parse_args(argv)
     try:
-        done, skipped = analyze_runs(args.paths, args.grad_batch, args.allow_older_checkpoint)
+        allow = (args.allow_older_checkpoint, args.allow_unfinished)
+        done, skipped = analyze_runs(args.paths, args.grad_batch, *allow)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

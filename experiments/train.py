@@ -19,7 +19,7 @@ from experiments.cli.resume import resume_command
 from experiments.cli.train_config import run_config
 from resnet_flax.data.config import DataError
 from resnet_flax.models.spec import SpecError
-from resnet_flax.rundir import RunStatus
+from resnet_flax.rundir import RunDirError, record_failed_job
 from resnet_flax.training.config import ConfigError
 from resnet_flax.training.cpu_devices import CpuDevicesError
 from resnet_flax.training.devices import pin_gpu
@@ -28,7 +28,7 @@ from resnet_flax.training.job import outcome_line, remove_if_empty, run_job
 from resnet_flax.training.preemption import RunInterrupted
 
 log = logging.getLogger(__name__)
-REJECTED = (SpecError, DataError, ConfigError, CpuDevicesError)
+REJECTED = (SpecError, DataError, ConfigError, CpuDevicesError, RunDirError)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -45,12 +45,14 @@ def main(cfg: DictConfig) -> dict | None:
     except REJECTED as err:
         print(f"error: {err}", file=sys.stderr)  # one line; nothing has compiled yet
         remove_if_empty(run_dir)
+        if multirun:  # the sweep goes on; its exit status will say so
+            return record_failed_job(Path(hc.sweep.dir), run_dir, str(err))
         sys.exit(2)
     except JobDied as err:
         print(f"error: {run_dir}: {err}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
-        return {"status": RunStatus.FAILED, "message": str(err)}
+        return record_failed_job(Path(hc.sweep.dir), run_dir, str(err))
     except RunInterrupted as err:
         print(f"interrupted: {err}; to resume: {resume_command(hc)}", file=sys.stderr)
         hand_on(err.signum)

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 from resnet_flax.data.memory import Dataset
 from resnet_flax.data.stream import Stream
 from resnet_flax.rundir import RunStatus, git_commit, library_versions
+from resnet_flax.rundir.identity import claim_run_dir
+from resnet_flax.rundir.owner import owning
 from resnet_flax.training.construction import has_checkpoint
 from resnet_flax.training.preemption import RunInterrupted, StopRequests
 from resnet_flax.training.run_config import RunConfig
@@ -24,6 +26,7 @@ from resnet_flax.training.timings import Timings
 log = logging.getLogger(__name__)
 
 
+@owning  # the run directories this call claims are released when it returns
 def train(run_dir: str | Path, cfg: RunConfig, dataset: Dataset | Stream | None = None) -> dict:
     """Train (or resume) one run into run_dir and return its summary.
 
@@ -42,11 +45,15 @@ def train(run_dir: str | Path, cfg: RunConfig, dataset: Dataset | Stream | None 
         )
     with clock.phase("set_up"):
         run = set_up(cfg, data, make_mesh())
-        if run.constructed_from is not None and not has_checkpoint(run_dir):
+    writer = jax.process_index() == 0  # one process of a multi-host job writes the records
+    # One owner, one run: refuse before restoring when the directory holds another run.
+    allow = run.cfg.trainer.allow_recipe_change
+    claim = claim_run_dir(run_dir, run.cfg.to_dict(), allow, lock=writer)
+    if run.constructed_from is not None and not has_checkpoint(run_dir):
+        with clock.phase("set_up"):
             construct_start(run, run_dir)
     warn_if_vmapped_on_cpu(run)
-    writer = jax.process_index() == 0  # one process of a multi-host job writes the records
-    records = run.group.records(run_dir, run.state, run.cfg, run_fields(run), run.mesh, writer)
+    records = run.group.records(run_dir, run.state, claim, run_fields(run), run.mesh, writer)
     with contextlib.ExitStack() as stack:
         with clock.phase("checkpoint"):  # the records restore the newest checkpoint
             start, state = stack.enter_context(records)
