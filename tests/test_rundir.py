@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from resnet_flax.data.config import DataConfig, StreamConfig
@@ -144,13 +145,19 @@ def requested(**changes) -> dict:
         "model": ModelSpec(depth=8, num_classes=10, in_channels=1),
         "data": DataConfig(name="digits"),
         "optim": OptimConfig(),
-        "trainer": TrainerConfig(iterations=20, batch_size=16),
+        "trainer": TrainerConfig(iterations=20, batch_size=16, log_every=10),
         "info": RunInfo(),
     }
     for dotted, value in changes.items():
         section, key = dotted.split("__")
         parts[section] = dataclasses.replace(parts[section], **{key: value})
-    return config_dict(**parts)
+    config = config_dict(**parts)
+    return {("dataset" if k == "data" else k): v for k, v in config.items()}
+
+
+def old_style(config: dict) -> dict:
+    """A run_config.json as written before its data section was named "dataset"."""
+    return {("data" if k == "dataset" else k): v for k, v in config.items()}
 
 
 def test_every_configuration_key_has_a_role():
@@ -198,7 +205,7 @@ def test_differences_name_the_key_and_its_role(change, key, role):
 
 
 def test_an_old_data_section_compares_with_the_new_dataset_section():
-    old = requested()
+    old = old_style(requested())
     new = {("dataset" if k == "data" else k): v for k, v in requested(data__flip=False).items()}
     (found,) = differences(old, new)
     assert found.key == "dataset.flip"
@@ -429,10 +436,35 @@ def test_write_json_leaves_no_temporary_file_behind(tmp_path, monkeypatch):
 # --- sweeps go on -------------------------------------------------------------------------
 
 
-def test_an_invalid_job_fails_alone_and_the_sweep_says_so(tmp_path):
+def test_an_invalid_job_is_named_before_any_starts(tmp_path):
+    # Fails when a sweep launches its valid jobs before saying that another cannot run.
     sweep = tmp_path / "sweep"
-    args = ["-m", *BASE, "depth=9,8", "trainer.iterations=4", "trainer.log_every=2"]
-    args += ["trainer.eval_every=4", "trainer.checkpoint_every=4", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", *BASE, "depth=9,8,57", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 2 and "depth=9" in lines[0] and "depth=57" in lines[1]
+    assert all("CIFAR depth must be 6n+2" in line for line in lines)
+    assert not sweep.exists()
+
+
+def test_a_job_that_fails_alone_is_recorded_and_the_sweep_says_so(tmp_path):
+    # Fails when one job's failure ends the sweep, or the sweep exits 0 without naming it.
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.npz"
+    np.savez(good, x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+             y_train=np.arange(64) % 4, x_test=rng.integers(0, 256, (16, 8, 8), dtype=np.uint8),
+             y_test=np.arange(16) % 4)  # fmt: skip
+    sweep = tmp_path / "sweep"
+    args = ["-m", "dataset=npz", f"dataset.path={tmp_path / 'missing.npz'},{good}", *BASE[1:]]
+    args += ["trainer.iterations=4", "trainer.log_every=2", "trainer.eval_every=4"]
+    args += ["trainer.checkpoint_every=4", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.train", *args],
         cwd=ROOT,
@@ -441,14 +473,12 @@ def test_an_invalid_job_fails_alone_and_the_sweep_says_so(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    # checked before any job started, all at once; then the job's own line; then the verdict
-    first, *_, last = error_lines(proc.stderr)
-    assert first.startswith("error: job depth=9: CIFAR depth must be 6n+2")
-    assert last.startswith("error: 1 job(s) of the sweep failed: ") and "depth=9" in last
+    last = error_lines(proc.stderr)[-1]
+    assert last.startswith("error: 1 job(s) of the sweep failed: ") and "missing.npz" in last
     (failed,) = read_failed_jobs(sweep)
-    assert "depth=9" in failed["job"] and "6n+2" in failed["message"]
-    (run,) = [p for p in sweep.iterdir() if p.is_dir()]  # the rejected job left no directory
-    assert "depth=8" in run.name and read_summary(run)["status"] == "completed"
+    assert "missing.npz" in failed["job"] and "not found" in failed["message"]
+    (summary,) = sweep.rglob("summary.json")  # the failed job left no run
+    assert "good.npz" in str(summary) and read_summary(summary.parent)["status"] == "completed"
     shown = subprocess.run(
         [sys.executable, "-m", "experiments.plot", str(sweep), "--out", str(tmp_path / "fig")],
         cwd=ROOT,
@@ -675,7 +705,7 @@ def test_npz_channels_first_binary_images_and_unseen_classes_are_said(tmp_path):
 
 
 def test_a_resumed_run_records_the_continuing_keys_asked_under_the_current_names(tmp_path):
-    write_json(tmp_path / RUN_CONFIG_FILE, requested())  # its data section is called "data"
+    write_json(tmp_path / RUN_CONFIG_FILE, old_style(requested()))  # its section is "data"
     asked = requested(data__data_dir="/new/place", trainer__iterations=40)
     asked = {("dataset" if k == "data" else k): v for k, v in asked.items()}
     with ownership_scope():

@@ -3,6 +3,7 @@
 from resnet_flax.rundir.records import (
     ANALYSIS_FILE,
     CHECKPOINT_DIR,
+    CONSTRUCTION_FILE,
     FAILED_JOBS_FILE,
     HYDRA_CONFIG_FILE,
     METRICS_FILE,
@@ -35,6 +36,7 @@ from resnet_flax.rundir.records import (
 __all__ = [
     "ANALYSIS_FILE",
     "CHECKPOINT_DIR",
+    "CONSTRUCTION_FILE",
     "FAILED_JOBS_FILE",
     "HYDRA_CONFIG_FILE",
     "METRICS_FILE",

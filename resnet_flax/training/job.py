@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from resnet_flax.rundir import RunStatus, read_summary
+from resnet_flax.rundir import RunStatus, read_summary, seed_run_dirs
 from resnet_flax.rundir.identity import DATA_DERIVED, check_run_dir, completed_iterations
 from resnet_flax.training.cpu_devices import (
     cpu_device_count,
@@ -21,7 +21,6 @@ from resnet_flax.training.guard import run_guarded, run_here
 from resnet_flax.training.loop import train
 from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.runtime import enable_compilation_cache, maybe_initialize_distributed
-from resnet_flax.training.seeds import seed_run_dirs
 
 log = logging.getLogger(__name__)
 
