@@ -196,3 +196,38 @@ def test_landscape_command_refuses_a_directory_that_is_not_a_run(tmp_path, capsy
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no run_config.json" in err[0]
+
+
+@pytest.mark.slow
+def test_why_study_on_a_small_sweep_publishes_figures_data_and_report(tmp_path, capsys):
+    # The whole command at depth 8: a sweep that keeps too few checkpoints is refused in one
+    # line; one that keeps enough gives every figure, its JSON, report.md and PROVENANCE.md.
+    from experiments.why import main
+
+    few = ["depth=8", "trainer.iterations=22", "trainer.progress=false"]
+    assert main(["--sweep-dir", str(tmp_path / "few"), "--depth", "8", *few]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kept 2 checkpoint(s) (iterations 11, 22)" in err[0]
+
+    enough = ["depth=8", "trainer.iterations=33", "trainer.progress=false"]
+    args = ["--sweep-dir", str(tmp_path / "sweep"), "--depth", "8", "--init-seeds", "1"]
+    out = tmp_path / "published"
+    assert main([*args, "--points-2d", "5", "--publish", str(out), *enough]) == 0
+    names = {p.name for p in out.iterdir()}
+    for stem in ("probes_vs_depth", "shattered_gradients", "signal_propagation_init",
+                 "signal_propagation_trained", "landscape_contours", "landscape_surfaces",
+                 "landscape_slices", "trajectory"):  # fmt: skip
+        assert f"{stem}.png" in names, stem
+    assert {"probes.json", "landscapes.json", "report.md", "PROVENANCE.md"} <= names
+    landscapes = json.loads((out / "landscapes.json").read_text())
+    assert [(r["model"], r["trajectory_steps"]) for r in landscapes] == [
+        ("plain", [0, 11, 22, 33]),
+        ("residual", [0, 11, 22, 33]),
+    ]
+    probes = json.loads((out / "probes.json").read_text())
+    assert sorted((r["model"], r["seed"], r["state"]) for r in probes) == [
+        (m, s, state) for m in ("plain", "residual") for s, state in
+        ((0, "init"), (0, "trained"), (1, "init"))
+    ]  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "plain-8" in report and "5x5 points in" in report

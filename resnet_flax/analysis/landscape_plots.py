@@ -18,8 +18,9 @@ from resnet_flax.analysis.plots import (
     save_figure,
 )
 
-# Contour levels of the loss, as Li et al.'s plots: every 0.5 up to 10, higher values clipped.
-LEVEL_STEP, LOSS_CAP = 0.5, 10.0
+# Contour levels of the loss: 20 steps up to at most 10 (Li et al.'s plots: 0.5 apart up to 10),
+# higher values clipped.
+LEVELS, LOSS_CAP = 21, 10.0
 
 
 def _ordered(records: Sequence[dict]) -> list[dict]:
@@ -41,8 +42,7 @@ def _levels(records: Sequence[dict], key: str) -> np.ndarray:
     """Shared contour levels from the lowest loss of any panel up to the cap."""
     low = min(float(np.min(r[key])) for r in records)
     high = min(max(float(np.max(r[key])) for r in records), LOSS_CAP)
-    start = np.floor(low / LEVEL_STEP) * LEVEL_STEP
-    return np.arange(start, max(high, start + LEVEL_STEP) + 1e-9, LEVEL_STEP)
+    return np.linspace(low, max(high, low + 1e-3), LEVELS)
 
 
 def landscape_contours(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
@@ -54,7 +54,7 @@ def landscape_contours(records: Sequence[dict], out_dir: str | Path) -> list[Pat
         for ax, r in zip(axes[0], records, strict=True):
             loss = np.minimum(np.asarray(r["loss_2d"]), LOSS_CAP)
             contours = ax.contour(r["xs"], r["ys"], loss.T, levels=levels, cmap="viridis")
-            ax.clabel(contours, contours.levels[::4], fontsize=5, fmt="%.1f")
+            ax.clabel(contours, contours.levels[::4], fontsize=5, fmt="%.2g")
             ax.plot([0], [0], marker="*", color="black", markersize=6)
             ax.set_title(_title(r))
             ax.set_xlabel("direction 1 (filter-normalised)")
@@ -110,7 +110,7 @@ def trajectory(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
             loss = np.minimum(np.asarray(r["plane_loss"]), LOSS_CAP)
             xs, ys = r["plane_xs"], r["plane_ys"]
             contours = ax.contour(xs, ys, loss.T, levels=levels, cmap="viridis")
-            ax.clabel(contours, contours.levels[::4], fontsize=5, fmt="%.1f")
+            ax.clabel(contours, contours.levels[::4], fontsize=5, fmt="%.2g")
             path = np.asarray(r["trajectory"])
             ax.plot(path[:, 0], path[:, 1], color="#d62728", marker=".", markersize=4)
             for (x, y), step in ((path[0], r["trajectory_steps"][0]), (path[-1], r["step"])):

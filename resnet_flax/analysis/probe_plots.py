@@ -106,17 +106,24 @@ def signal_layers(records: Sequence[dict], state: str, out_dir: str | Path) -> l
         return []
     colors = depth_colors(r["depth"] for r in chosen)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, 2, figsize=(FULL_WIDTH, 4.6), sharex=True)
+        fig, axes = plt.subplots(2, 2, figsize=(FULL_WIDTH, 5.0), sharex=True)
         for row, mode in enumerate(("train", "eval")):
-            for (model, depth), layers in _layer_means(chosen, mode).items():
+            means = _layer_means(chosen, mode)
+            for (model, depth), layers in means.items():
                 style = {"color": colors[depth], "linestyle": MODEL_LINESTYLES.get(model, "-")}
                 x = np.arange(1, len(layers) + 1)
                 label = model_label(model, depth)
                 axes[row][0].plot(x, layers[:, 0], label=label, **style)
                 axes[row][1].plot(x, layers[:, 1], label=label, **style)
-            axes[row][0].set_yscale("log")
-            axes[row][0].set_ylabel(f"second moment (BN {mode} mode)")
-            axes[row][1].set_ylabel(f"cosine of two inputs (BN {mode} mode)")
+            q = np.concatenate([layers[:, 0] for layers in means.values()])
+            if q.min() > 0 and q.max() / q.min() > 10:  # scales that drift over decades
+                axes[row][0].set_yscale("log")
+            else:
+                axes[row][0].ticklabel_format(axis="y", useOffset=False)
+            axes[row][0].set_ylabel("second moment q")
+            axes[row][1].set_ylabel("cosine of two inputs")
+            axes[row][0].set_title(f"BN {mode} mode")
+            axes[row][1].set_title(f"BN {mode} mode")
         for ax in axes[1]:
             ax.set_xlabel("branch layer (input to output)")
         axes[0][1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))

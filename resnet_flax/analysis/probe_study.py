@@ -150,8 +150,14 @@ def probe_fresh(
     return records
 
 
-def probe_runs(run_dirs: Sequence[str | Path], cfg: ProbeConfig, out_dir: str | Path) -> list[dict]:
-    """Probe each run at initialisation (its seed) and at its newest checkpoint.
+def probe_runs(
+    run_dirs: Sequence[str | Path],
+    cfg: ProbeConfig,
+    out_dir: str | Path,
+    init_seeds: Sequence[int] = (),
+) -> list[dict]:
+    """Probe each run at initialisation (its seed, and fresh draws from `init_seeds`) and at
+    its newest checkpoint.
 
     Every run is read and checked before anything compiles; they must share one dataset.
     """
@@ -176,6 +182,10 @@ def probe_runs(run_dirs: Sequence[str | Path], cfg: ProbeConfig, out_dir: str | 
             fields = _fields(spec, run.seed, name, at, run, cfg)
             result = prober.probe(spec, state["params"], state["batch_stats"])
             records.append(_record(Path(out_dir), fields, result))
+        for seed in (s for s in init_seeds if s != run.seed):
+            _, params, stats = nnx.split(build_model(spec, seed), nnx.Param, nnx.BatchStat)
+            fields = _fields(spec, seed, "init", 0, None, cfg)
+            records.append(_record(Path(out_dir), fields, prober.probe(spec, params, stats)))
     return records
 
 
