@@ -231,3 +231,16 @@ def test_why_study_on_a_small_sweep_publishes_figures_data_and_report(tmp_path, 
     ]  # fmt: skip
     report = (out / "report.md").read_text()
     assert "plain-8" in report and "5x5 points in" in report
+
+
+def test_grid_minima_counts_one_for_a_bowl_and_each_dip_of_a_rough_surface():
+    # Bug caught: edges compared with wrapped-around neighbours, ties counted as minima.
+    from resnet_flax.analysis.why_report import grid_minima
+
+    a, b = np.meshgrid(np.linspace(-1, 1, 21), np.linspace(-1, 1, 21), indexing="ij")
+    assert grid_minima(a**2 + b**2) == 1
+    assert grid_minima(np.ones((5, 5))) == 0  # a plateau has no strict minimum
+    # cos(3 pi a) cos(3 pi b) is -1 where one factor is 1 (a in {0, +-2/3}) and the other -1
+    # (b in {+-1/3, +-1}; +-1/3 falls nearest to +-0.3 on this grid): 2 * 3 * 4 minima, half
+    # of them on the edges (b = +-1 or a = +-1).
+    assert grid_minima(np.cos(3 * np.pi * a) * np.cos(3 * np.pi * b)) == 24

@@ -89,6 +89,7 @@ def landscape_slices(records: Sequence[dict], out_dir: str | Path) -> list[Path]
             style["linestyle"] = "-" if r["model"] != "plain" else "--"
             left.plot(r["alphas"], r["loss_1d"], **style)
             right.plot(r["alphas"], 100 * np.asarray(r["error_1d"]), **style)
+        left.set_yscale("log")  # a chaotic net's loss spans decades
         left.set_ylabel("training loss")
         right.set_ylabel("training error (%)")
         for ax in (left, right):
