@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -61,13 +62,16 @@ def _kernels(blocks) -> list[jax.Array]:
     return [conv["conv"]["kernel"] for _, conv in sorted(blocks["convs"].items())]
 
 
-def gradient_norm_fn(graphdef, x: jax.Array, y: jax.Array) -> Callable[..., dict[str, float]]:
+def gradient_norm_fn(
+    graphdef, x: jax.Array, y: jax.Array, compiler_options: dict | None = None
+) -> Callable[..., dict[str, float]]:
     """A compiled (params, batch_stats) -> {layer: gradient L2 norm} on one batch, train mode.
 
-    Built once per run so the initial and the final parameters share one compilation.
+    Built once per run so the initial and the final parameters share one compilation;
+    `compiler_options` go to XLA (jax.jit's).
     """
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def grads(params, batch_stats):
         def loss(p):
             model = nnx.merge(graphdef, p, batch_stats, copy=True)
