@@ -129,6 +129,7 @@ def test_forward_mode_line_gradient_of_a_net_equals_finite_differences():
     assert np.median(np.abs(g - fd) / (np.abs(fd) + 1e-3)) < 1e-2
 
 
+@pytest.mark.slow
 def test_probe_command_writes_json_and_figures_for_fresh_nets(tmp_path):
     from experiments.probe import main
 
