@@ -99,7 +99,7 @@ def sgd_momentum(params: dict, trace: dict, grads: dict, lr: float, optim: Optim
 
 def program_step(run: Setup, state: dict) -> tuple[dict, dict]:
     """One step of the run's compiled training program on its device-resident data."""
-    return run.program.train_step(state, run.source.train_data)
+    return run.program.train_step(state, run.source.train_data, run.program.hparams)
 
 
 def shifted_params(run: Setup) -> dict:

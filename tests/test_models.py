@@ -1,5 +1,6 @@
 """Model zoo: published parameter counts, MACs, shapes, shortcut options and the math of blocks."""
 
+import functools
 import math
 import re
 
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 from resnet_flax.models.counts import count_params, summarize
+from resnet_flax.models.initializers import RUN_ONCE, stacked_modules
 from resnet_flax.models.resnet import (
     Block,
     ResNet,
@@ -18,7 +20,7 @@ from resnet_flax.models.resnet import (
     build_model,
     flatten_responses,
 )
-from resnet_flax.models.spec import ModelSpec, SpecError, resolve
+from resnet_flax.models.spec import ModelSpec, SpecError, for_backend, resolve
 
 # He et al. 2015 Table 6 (#params): ResNet-20/32/44/56/110/1202 = 0.27/0.46/0.66/0.85/1.7/19.4M
 # (option A: no shortcut parameters, so the plain nets have the same counts).
@@ -344,18 +346,64 @@ def test_remat_gives_the_same_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_initialisation_draws_the_op_by_op_parameters():
-    # build_model draws every parameter in one compiled program; op by op is the reference.
+def test_stacked_blocks_draw_what_nnx_vmap_draws_over_split_rngs():
+    # Fails when a stacked block gets another key than nnx.split_rngs + nnx.vmap give it (a
+    # split of another key, counts not restarting at 0), the stream is not advanced once,
+    # or the host stacking reorders blocks.
+    spec = for_backend(ModelSpec(depth=20), jax.default_backend())
+    make = functools.partial(Block, spec, "basic", 16, 16, 16, 1)
+
+    def vmapped(seed: jax.Array) -> tuple:
+        """Flax's way, in one program as build_model drew before: stack and the next key."""
+        rngs = nnx.Rngs(jax.random.key(seed))
+        create = nnx.split_rngs(splits=5)(nnx.vmap(make, in_axes=(0,), out_axes=0))
+        return nnx.state(create(rngs)), jax.random.key_data(rngs.default())
+
+    want, want_next = jax.jit(vmapped).lower(7).compile(compiler_options=RUN_ONCE)(7)
+    rngs = nnx.Rngs(jax.random.key(7))
+    got = nnx.state(stacked_modules(make, rngs, 5))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape[0] == 5 and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.random.key_data(rngs.default()), want_next)
+
+
+def test_drawn_network_equals_the_network_drawn_in_one_program():
+    # Fails when drawing parameter by parameter changes a value (a key, a scale, the order
+    # of the stacked blocks) against the single program of the whole network (the traced
+    # path: nnx.vmap over split keys, every initializer inline), or seeds give one network.
     spec = ModelSpec(model="preact", depth=14, in_channels=1)
-    compiled = nnx.state(build_model(spec, seed=3))
-    eager = nnx.state(ResNet(resolve(spec), rngs=nnx.Rngs(3)))
-    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
-    for got, want in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
+    arch = resolve(for_backend(spec, jax.default_backend()))
+    whole = jax.jit(lambda seed: nnx.state(ResNet(arch, rngs=nnx.Rngs(jax.random.key(seed)))))
+    one_program = whole.lower(3).compile(compiler_options=RUN_ONCE)(3)
+    drawn = nnx.state(build_model(spec, seed=3))
+    assert jax.tree.structure(drawn) == jax.tree.structure(one_program)
+    for got, want in zip(jax.tree.leaves(drawn), jax.tree.leaves(one_program), strict=True):
         assert got.dtype == want.dtype
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got, want)
     other = nnx.state(build_model(spec, seed=4))
-    pairs = zip(jax.tree.leaves(other), jax.tree.leaves(compiled), strict=True)
+    pairs = zip(jax.tree.leaves(other), jax.tree.leaves(drawn), strict=True)
     assert not all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_networks_of_one_family_share_every_initialisation_program():
+    # Fails when a depth, a model or a seed makes initialisation lower a program of its own
+    # (a program the size of the network, or of a stage's stack of blocks).
+    build_model(ModelSpec(model="plain", depth=20, in_channels=1), seed=0)  # the family's
+    lowered = []
+
+    def count(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for model, depth, seed in (("residual", 56, 1), ("plain", 14, 2), ("residual", 8, 3)):
+            build_model(ModelSpec(model=model, depth=depth, in_channels=1), seed=seed)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert lowered == []
 
 
 def test_group_batchnorm_normalises_each_group_on_its_own():

@@ -155,7 +155,7 @@ def test_cpu_preset_reaches_every_compiled_program():
     assert compiler_options(TrainerConfig(), "cpu") == {}
     one, bad = jnp.float32(1), {"xla_cpu_opt_preset": "X"}
     for loop in ("python", "scan"):  # the single step, and the scanned chunk
-        program = Program(lambda s, d: (s + d, s), lambda s, d: s * d, loop, bad)
+        program = Program(lambda s, d, h: (s + d * h, s), lambda s, d: s * d, one, loop, bad)
         with pytest.raises(Exception, match="xla_cpu_opt_preset"):
             program.repeat(one, one, 2)
         with pytest.raises(Exception, match="xla_cpu_opt_preset"):

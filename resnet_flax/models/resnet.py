@@ -12,12 +12,8 @@ from flax import nnx
 from resnet_flax.backend import current_backend
 from resnet_flax.models.batchnorm import GroupBatchNorm
 from resnet_flax.models.conv import select_conv
+from resnet_flax.models.initializers import dense_init, he_normal, stacked_modules
 from resnet_flax.models.spec import Architecture, ModelSpec, StagePlan, for_backend, resolve
-
-# He et al. 2015 initialise with N(0, 2/n), n = k*k*c_in (the fan-in).
-he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-# The classifier as in the paper's Torch code (PyTorch's Linear default: U(+-1/sqrt(fan_in))).
-dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def decided(spec: ModelSpec) -> ModelSpec:
@@ -211,13 +207,7 @@ class Stage(nnx.Module):
         rest = None
         if self.num_rest > 0:
             make = partial(Block, spec, kind, plan.out_width, plan.width, plan.out_width, 1)
-
-            @nnx.split_rngs(splits=self.num_rest)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def create(rngs: nnx.Rngs) -> Block:
-                return make(rngs)
-
-            rest = create(rngs)
+            rest = stacked_modules(make, rngs, self.num_rest)
         self.rest = rest
 
     def _apply(self, block: Block, x: jax.Array, train: bool):
@@ -316,24 +306,11 @@ class ResNet(nnx.Module):
 def build_model(spec: ModelSpec, seed: int = 0) -> ResNet:
     """Validate the spec and build the network with parameters drawn from seed.
 
-    The parameters are drawn by one compiled program: the values of drawing them op by op,
-    up to float rounding (1 ulp where XLA fuses the scaling differently). Op by op, every
-    new parameter shape compiled its own random-number program, ~0.5 s each on CPU: 5 s
-    for ResNet-8 and 12 s for ResNet-56, more than their training steps took to compile
-    in the digits demo. XLA's optimisations are off for this program, which runs once:
-    ResNet-8 4.3 -> 1.2 s, ResNet-56 9.3 -> 2.6 s.
+    Drawn with programs per parameter shape (models.initializers), which every network of
+    the same widths shares: a second depth in a process compiles nothing.
     """
     arch = resolve(decided(spec))
-    graphdefs = []
-
-    def draw(seed_):
-        graphdef, state = nnx.split(ResNet(arch, rngs=nnx.Rngs(jax.random.key(seed_))))
-        graphdefs.append(graphdef)  # static structure, the same for every seed
-        return state
-
-    program = jax.jit(draw).lower(jnp.int32(seed))
-    state = program.compile(compiler_options={"xla_backend_optimization_level": 0})(seed)
-    return nnx.merge(graphdefs[0], state)
+    return ResNet(arch, rngs=nnx.Rngs(jax.random.key(seed)))
 
 
 def abstract_model(spec: ModelSpec) -> ResNet:

@@ -122,6 +122,7 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict, clock: Timing
         "images_per_sec": images / train_s if train_s else None,
         "input_wait_fraction": source.wait_s / train_s if train_s else None,
         "timings": clock.record(),
+        "compile_cache": run.cache_events.counts(),
     }
     return group.finish(iteration, source.steps_per_epoch, final, timing)
 

@@ -1,11 +1,20 @@
-"""The paper's SGD recipe and its alternatives, all counted in iterations with optax schedules."""
+"""The paper's SGD recipe and its alternatives, all counted in iterations.
+
+A recipe is split in two for the compiled step: its structure (which schedule, how many
+drops, whether a warm-up exists, ...) shapes the program's code, and its numbers (learning
+rate, momentum, weight decay, the schedule's boundaries and factors) enter as arrays, so
+runs that differ only in numbers share one compiled program.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from resnet_flax.training.config import ConfigError
@@ -41,37 +50,130 @@ class OptimConfig:
             )
 
 
+@dataclass(frozen=True)
+class OptimStructure:
+    """What of a recipe the compiled step's code depends on; its numbers are hyperparameters."""
+
+    nesterov: bool
+    decay_all: bool
+    schedule: str
+    num_boundaries: int  # distinct multistep drops
+    linear_warmup: bool
+    warmup: bool  # a warm-up lr (warmup_lr) before the schedule
+    warmup_on_error: bool  # ... held until the training error drops below a threshold
+
+    @classmethod
+    def of(cls, cfg: OptimConfig) -> OptimStructure:
+        """The structure of a config."""
+        return cls(
+            nesterov=cfg.nesterov,
+            decay_all=cfg.decay_all,
+            schedule=cfg.schedule,
+            num_boundaries=len(set(cfg.boundaries)) if cfg.schedule == "multistep" else 0,
+            linear_warmup=cfg.linear_warmup_iterations > 0,
+            warmup=cfg.warmup_lr is not None,
+            warmup_on_error=cfg.warmup_lr is not None and cfg.warmup_until_error is not None,
+        )
+
+
+def hyperparameters(cfg: OptimConfig, total_iterations: int) -> dict[str, np.ndarray]:
+    """The recipe's numbers as host arrays: float32 rates and factors, int32 iterations.
+
+    Every key is always there (unused ones are 0), so the program's arguments have one
+    structure; `total_iterations` is where a cosine schedule reaches 0.
+    """
+    warm = max(cfg.linear_warmup_iterations, 0)
+    cosine_steps = max(total_iterations, warm + 1) - warm
+    floats = {
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "decay_factor": cfg.decay_factor,
+        "warmup_lr": cfg.warmup_lr or 0.0,
+        "warmup_until_error": cfg.warmup_until_error or 0.0,
+        # optax's cosine decays over the iterations after the linear warm-up, counted as floats.
+        "cosine_steps": cosine_steps,
+        # XLA compiles optax's division by a constant length as a product with its float32
+        # reciprocal (and folds pi into it): the same products keep the values to the bit.
+        "cosine_phase": np.float32(np.pi) * (np.float32(1) / np.float32(cosine_steps)),
+        "linear_warmup_reciprocal": np.float32(1) / np.float32(max(warm, 1)),
+    }
+    ints = {
+        "boundaries": sorted(set(cfg.boundaries)) if cfg.schedule == "multistep" else [],
+        "linear_warmup_iterations": warm,
+        "warmup_iterations": cfg.warmup_iterations,
+    }
+    return {
+        **{k: np.asarray(v, np.float32) for k, v in floats.items()},
+        **{k: np.asarray(v, np.int32) for k, v in ints.items()},
+    }
+
+
+# optax's schedule factories take their boundaries and lengths as Python numbers (they
+# branch on them), so the three below are written over arrays with optax's own formulas,
+# operation for operation: the float32 values of optax's schedules compiled by XLA (a
+# test compares them bit for bit).
+
+
+def _linear_warmup(hp: Mapping, step: jax.Array) -> jax.Array:
+    """optax.linear_schedule(0, lr, linear_warmup_iterations) at `step`."""
+    init_value, end_value, power = 0.0, hp["lr"], 1
+    count = jnp.clip(step, 0, hp["linear_warmup_iterations"])
+    frac = 1 - count * hp["linear_warmup_reciprocal"]
+    return (init_value - end_value) * (frac**power) + end_value
+
+
+def _multistep(hp: Mapping, step: jax.Array, num_boundaries: int) -> jax.Array:
+    """optax.piecewise_constant_schedule(lr, {b: decay_factor}) at `step`."""
+    v = hp["lr"]
+    for i in range(num_boundaries):
+        indicator = jnp.maximum(0.0, jnp.sign(hp["boundaries"][i] - step))
+        v = v * indicator + (1 - indicator) * hp["decay_factor"] * v
+    return v
+
+
+def _cosine(hp: Mapping, count: jax.Array) -> jax.Array:
+    """optax.cosine_decay_schedule(lr, cosine_steps) at `count` (its alpha 0, exponent 1)."""
+    alpha, exponent = 0.0, 1.0
+    count = jnp.minimum(count, hp["cosine_steps"])
+    cosine_decay = 0.5 * (1 + jnp.cos(count * hp["cosine_phase"]))
+    decayed = (1 - alpha) * cosine_decay**exponent + alpha
+    return hp["lr"] * decayed
+
+
+def base_lr(structure: OptimStructure, hp: Mapping, step: jax.Array) -> jax.Array:
+    """The schedule's learning rate at `step` (before any warmup_lr), from array numbers."""
+    warm = hp["linear_warmup_iterations"]
+    if structure.schedule == "cosine":
+        # optax.join_schedules hands the cosine the count since the warm-up's end.
+        schedule = _cosine(hp, step - warm)
+    elif structure.schedule == "constant":
+        schedule = hp["lr"]
+    else:  # the drops stay at the configured iterations, warm-up or not
+        schedule = _multistep(hp, step, structure.num_boundaries)
+    if not structure.linear_warmup:
+        return schedule
+    return jnp.where(step < warm, _linear_warmup(hp, step), schedule)
+
+
 def make_schedule(cfg: OptimConfig, total_iterations: int) -> optax.Schedule:
-    """The base learning-rate schedule as an optax schedule of the iteration."""
-    warm = cfg.linear_warmup_iterations
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, cfg.lr, warm, max(total_iterations, warm + 1), end_value=0.0
-        )
-    if cfg.schedule == "constant":
-        base = optax.constant_schedule(cfg.lr)
-    else:
-        # join_schedules restarts the count at the warm-up's end: shift the drops so they
-        # still happen at the configured iterations.
-        base = optax.piecewise_constant_schedule(
-            cfg.lr, {int(b) - max(warm, 0): cfg.decay_factor for b in cfg.boundaries}
-        )
-    if warm <= 0:
-        return base
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), base], [warm])
+    """The base learning-rate schedule of a config as a function of the iteration."""
+    return functools.partial(
+        base_lr, OptimStructure.of(cfg), hyperparameters(cfg, total_iterations)
+    )
 
 
 def learning_rate(
-    cfg: OptimConfig, schedule: optax.Schedule, step: jax.Array, warm_done: jax.Array
+    structure: OptimStructure, hp: Mapping, step: jax.Array, warm_done: jax.Array
 ) -> jax.Array:
     """The learning rate at a step, applying the error-triggered or fixed warm-up."""
-    lr = schedule(step)
-    if cfg.warmup_lr is None:
+    lr = base_lr(structure, hp, step)
+    if not structure.warmup:
         return lr
-    in_warmup = step < cfg.warmup_iterations
-    if cfg.warmup_until_error is not None:
+    in_warmup = step < hp["warmup_iterations"]
+    if structure.warmup_on_error:
         in_warmup = in_warmup | ~warm_done
-    return jnp.where(in_warmup, cfg.warmup_lr, lr)
+    return jnp.where(in_warmup, hp["warmup_lr"], lr)
 
 
 def weight_decay_mask(params) -> object:
@@ -81,13 +183,31 @@ def weight_decay_mask(params) -> object:
     )
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Coupled L2 decay then momentum, as PyTorch's SGD; the caller scales by the lr."""
-    mask = None if cfg.decay_all else weight_decay_mask
+def sgd(structure: OptimStructure, momentum, weight_decay) -> optax.GradientTransformation:
+    """Coupled L2 decay then momentum, as PyTorch's SGD; the caller scales by the lr.
+
+    The numbers may be traced arrays: the step builds this from its hyperparameters, as
+    optax.inject_hyperparams does, with the optimizer state's layout unchanged.
+    """
+    mask = None if structure.decay_all else weight_decay_mask
     return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay, mask),
-        optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.trace(decay=momentum, nesterov=structure.nesterov),
     )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """The recipe's optimizer with the config's numbers (initial states, restore templates)."""
+    return sgd(OptimStructure.of(cfg), cfg.momentum, cfg.weight_decay)
+
+
+def zero_state(tx: optax.GradientTransformation, params) -> object:
+    """tx.init(params) for an optimizer whose state starts at zeros (SGD's momentum trace).
+
+    Made on the host: on the device, every parameter shape compiled its own program of zeros.
+    """
+    shapes = jax.eval_shape(tx.init, params)
+    return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
 
 
 def apply_lr(updates, lr: jax.Array) -> object:

@@ -122,9 +122,10 @@ class StackedSeeds(OneSeed):
         return [seed_state(state, k) for k in range(len(self.seeds))]
 
     def vmap_step(self, step: Callable) -> Callable:
-        """The step over every seed at once: data shared, everything else per seed."""
-        # The step count is shared, so the epoch-start cond stays a cond (not a select).
-        return jax.vmap(step, in_axes=(SEED_AXES, None), out_axes=(SEED_AXES, 0))
+        """The step over every seed at once: data and hyperparameters shared, the rest per seed."""
+        # The step count is shared, so the epoch-start cond stays a cond (not a select); the
+        # seeds of a group share one config, so its hyperparameters too.
+        return jax.vmap(step, in_axes=(SEED_AXES, None, None), out_axes=(SEED_AXES, 0))
 
     def vmap_eval(self, evaluate: Callable) -> Callable:
         """eval_sums over every seed's parameters and statistics, the batch shared."""
@@ -373,6 +374,8 @@ class SeedGroup:
             summary["images_per_sec"] = timing["images_per_sec"]
             summary["input_wait_fraction"] = timing["input_wait_fraction"]
             summary["timings"] = timing["timings"]  # where the time went (training.timings)
+            # The persistent compilation cache's lookups, hits and misses of the whole job.
+            summary["compile_cache"] = timing["compile_cache"]
             run.recorder.write_summary(summary)
             run.recorder.close()
             summaries.append(summary)

@@ -15,6 +15,7 @@ from resnet_flax.backend import current_backend
 from resnet_flax.data.memory import Dataset
 from resnet_flax.data.stream import Stream
 from resnet_flax.rundir import CHECKPOINT_DIR
+from resnet_flax.training.cache_events import CacheEvents
 from resnet_flax.training.checkpoints import Checkpointer
 from resnet_flax.training.config import check_devices, compiler_options
 from resnet_flax.training.construction import (
@@ -25,8 +26,9 @@ from resnet_flax.training.construction import (
     restore_source,
     write_construction,
 )
-from resnet_flax.training.optim import make_optimizer, make_schedule
+from resnet_flax.training.optim import OptimStructure, hyperparameters, make_optimizer
 from resnet_flax.training.run_config import RunConfig, resolve_run
+from resnet_flax.training.runtime import put_replicated
 from resnet_flax.training.seeds import SeedGroup
 from resnet_flax.training.sources import DataSource, make_source
 from resnet_flax.training.steps import Program, Recipe, eval_sums
@@ -48,6 +50,7 @@ class Setup:
     state: dict
     param_count: int
     constructed_from: SourceRun | None  # init_from's trained run, checked
+    cache_events: CacheEvents  # the compilation cache's hits and misses from set-up on
 
 
 def set_up(cfg: RunConfig, data: Dataset | Stream, mesh: Mesh) -> Setup:
@@ -56,6 +59,7 @@ def set_up(cfg: RunConfig, data: Dataset | Stream, mesh: Mesh) -> Setup:
     trainer.vmap_seeds = k > 1 stacks seeds seed .. seed+k-1 into one state and program.
     Every check runs here, before anything compiles.
     """
+    cache_events = CacheEvents()
     backend = current_backend()
     check_devices(cfg.trainer, mesh.size)
     source = make_source(data, cfg.dataset, cfg.trainer, mesh)
@@ -66,12 +70,13 @@ def set_up(cfg: RunConfig, data: Dataset | Stream, mesh: Mesh) -> Setup:
     group = SeedGroup(cfg.info.seed, cfg.trainer.vmap_seeds)
     tx = make_optimizer(cfg.optim)
     graphdef, state, param_count = group.initial_state(cfg.model, tx, source.order_len, mesh)
-    recipe = Recipe(graphdef, cfg.optim, tx, make_schedule(cfg.optim, cfg.trainer.iterations))
-    step = group.vmap_step(source.train_step(recipe))
+    step = group.vmap_step(source.train_step(Recipe(graphdef, OptimStructure.of(cfg.optim))))
     evaluate = group.vmap_eval(functools.partial(eval_sums, graphdef))
+    numbers = hyperparameters(cfg.optim, cfg.trainer.iterations)
+    hparams = {k: put_replicated(v, mesh) for k, v in numbers.items()}
     options = compiler_options(cfg.trainer, backend)
-    program = Program(step, evaluate, cfg.trainer.step_loop, options)
-    parts = (mesh, source, group, graphdef, program, state, param_count, origin)
+    program = Program(step, evaluate, hparams, cfg.trainer.step_loop, options)
+    parts = (mesh, source, group, graphdef, program, state, param_count, origin, cache_events)
     return Setup(cfg, backend, *parts)
 
 

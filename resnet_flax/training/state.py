@@ -8,6 +8,7 @@ from flax import nnx
 
 from resnet_flax.models.resnet import build_model
 from resnet_flax.models.spec import ModelSpec
+from resnet_flax.training.optim import zero_state
 
 # The training state; every entry but the shared step count gets a leading seed axis when
 # several seeds train as one program (TrainerConfig.vmap_seeds).
@@ -30,7 +31,7 @@ def initial_state(spec: ModelSpec, seed: int, tx, n_train: int) -> tuple[object,
     state = {
         "params": params,
         "batch_stats": batch_stats,
-        "opt_state": tx.init(params),
+        "opt_state": zero_state(tx, params),
         "step": jnp.int32(0),
         "warm_done": jnp.bool_(False),
         "order": jnp.zeros((n_train,), jnp.int32),  # the epoch's data order, set at step 0
