@@ -87,12 +87,14 @@ def empty_cache(tmp_path: Path):
 def test_second_run_of_a_learning_rate_sweep_finds_every_program_cached(
     tmp_path, digits, empty_cache
 ):
-    # Fails when a program of the second run (initialisation, step, evaluation) differs from
-    # the first run's, or when summary.json stops recording the cache's events.
+    # Fails when a program of the second run (step, evaluation, initialisation) differs from
+    # the first run's, or when summary.json stops recording the cache's events. The step and
+    # evaluation are looked up by every run; the parameter-drawing programs only by the
+    # first run of a process that needs them.
     first = train(tmp_path / "first", FIRST, digits)["compile_cache"]
-    assert first["misses"] >= 3 and first["lookups"] == first["hits"] + first["misses"]
+    assert first["misses"] >= 2 and first["lookups"] == first["hits"] + first["misses"]
     second = train(tmp_path / "second", OTHER_NUMBERS, digits)["compile_cache"]
-    assert second["lookups"] >= 3, second
+    assert second["lookups"] >= 2, second
     assert second == {**second, "hits": second["lookups"], "misses": 0, "below_threshold": 0}
     # The cached program ran each run's numbers: lr after steps 2 and 4 (drop at 3, or 2).
     assert lr_curve(tmp_path / "first") == pytest.approx([0.1, 0.1 * 0.1])
