@@ -43,7 +43,7 @@ test-all: $(DEV_STAMP)  ## Lint and run every test, the slow ones too
 	$(VENV)/bin/pytest -q $(PARALLEL)
 
 bench: $(DEV_STAMP)  ## CPU/GPU benchmark of plain and residual 20/56/110 (+ PyTorch if installed, rounds alternating)
-	$(PY) -m experiments.benchmark --models plain residual --depths 20 56 110 --repeats 1 --rounds 3 \
+	$(PY) -m benchmarks.step_time --models plain residual --depths 20 56 110 --repeats 1 --rounds 3 \
 		$(if $(shell $(PY) -c "import torch" 2>/dev/null && echo y),--torch) --name plain_residual_20_56_110
 
 lint: $(DEV_STAMP)  ## ruff check and format check

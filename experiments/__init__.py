@@ -1,1 +1,1 @@
-"""Thin entry points (Hydra mains, plots, analysis, benchmark)."""
+"""Thin entry points (Hydra mains, the demo, plots, analysis)."""

@@ -8,21 +8,42 @@ from pathlib import Path
 
 from resnet_flax.analysis.sweep_report import NoRuns, analyze_runs
 
+EXAMPLES = """examples:
+  python -m experiments.analyze results/sweeps/digits_degradation/<time>
+  python -m experiments.analyze results/runs/default/<time> --grad-batch 128
+  python -m experiments.analyze results/sweeps/<name>/<time> --allow-older-checkpoint
+more: docs/usage.md (Plots and report)"""
+
 
 def main(argv: list[str] | None = None) -> int:
     """Analyse each run directory found under the given paths (figures: experiments.plot)."""
-    p = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.analyze",
+        description=__doc__ + "\nReads each run's newest checkpoint; draw the figures "
+        "afterwards with experiments.plot.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("paths", nargs="+", type=Path, help="run directories or sweep directories")
-    p.add_argument("--grad-batch", type=int, default=256)
+    p.add_argument(
+        "--grad-batch", type=int, default=256, help="training images in the gradient-flow batch"
+    )
     p.add_argument(
         "--allow-older-checkpoint",
         action="store_true",
         help="analyse the newest checkpoint that restores even when it is older than the "
         "run's final iteration in summary.json (by default such a run is skipped)",
     )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="analyse the newest checkpoint of a run that did not complete (interrupted, "
+        "failed, or killed: by default such a run is skipped)",
+    )
     args = p.parse_args(argv)
     try:
-        done, skipped = analyze_runs(args.paths, args.grad_batch, args.allow_older_checkpoint)
+        allow = (args.allow_older_checkpoint, args.allow_unfinished)
+        done, skipped = analyze_runs(args.paths, args.grad_batch, *allow)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

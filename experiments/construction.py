@@ -3,6 +3,12 @@
 Trains plain and residual nets of the source depth and of the deep depth from scratch, then
 each deep net from its trained source with identity blocks added (init_from), and writes the
 figure and report.md. Extra Hydra overrides (dataset=cifar10, ...) go to every run.
+
+examples:
+  python -m experiments.construction                       # digits, depth 20 -> 56
+  python -m experiments.construction --sweep-dir results/sweeps/construction/<time>  # resume
+  python -m experiments.construction --source-depth 8 --depth 20 seed=1
+more: docs/usage.md (The construction argument)
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ EXPERIMENT = "construction"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.construction", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.construction",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--sweep-dir",
         type=Path,

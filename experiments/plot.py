@@ -9,12 +9,22 @@ from pathlib import Path
 
 from resnet_flax.analysis.sweep_report import NoRuns, plot_runs
 
+EXAMPLES = """examples:
+  python -m experiments.plot results/sweeps/digits_degradation/<time>   # figures/ + report.md
+  python -m experiments.plot results/runs/default/<time> results/runs/default/<time2>
+  python -m experiments.plot results/sweeps/he2015_fig6/<time> --out /tmp/figures
+more: docs/usage.md (Plots and report)"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Load runs, write figures and report; print paths and the verdict. Returns exit code."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.plot",
-        description="Write the degradation figures (PNG + PDF) and report.md for runs.",
+        description="Write the degradation figures (PNG + PDF: Fig. 1 and Fig. 6 style curves, "
+        "error vs depth,\nlayer diagnostics where analysed) and report.md with the error tables "
+        "and a degradation\nverdict, for finished or partial runs.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "paths", nargs="+", type=Path, help="a sweep directory, or one or more run directories"

@@ -15,19 +15,20 @@ from omegaconf import DictConfig, OmegaConf
 # Importing the library imports JAX but does not start its backend; the job starts it, after
 # pin_gpu has set CUDA_VISIBLE_DEVICES for this worker and the CPU is split into devices.
 from experiments.cli.preflight import run_checked
+from experiments.cli.resume import resume_command
 from experiments.cli.train_config import run_config
 from resnet_flax.data.config import DataError
 from resnet_flax.models.spec import SpecError
-from resnet_flax.rundir import RunStatus
+from resnet_flax.rundir import RunDirError, record_failed_job
 from resnet_flax.training.config import ConfigError
 from resnet_flax.training.cpu_devices import CpuDevicesError
 from resnet_flax.training.devices import pin_gpu
 from resnet_flax.training.guard import JobDied
-from resnet_flax.training.job import remove_if_empty, run_job
+from resnet_flax.training.job import outcome_line, remove_if_empty, run_job
 from resnet_flax.training.preemption import RunInterrupted
 
 log = logging.getLogger(__name__)
-REJECTED = (SpecError, DataError, ConfigError, CpuDevicesError)
+REJECTED = (SpecError, DataError, ConfigError, CpuDevicesError, RunDirError)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -44,18 +45,22 @@ def main(cfg: DictConfig) -> dict | None:
     except REJECTED as err:
         print(f"error: {err}", file=sys.stderr)  # one line; nothing has compiled yet
         remove_if_empty(run_dir)
+        if multirun:  # the sweep goes on; its exit status will say so
+            return record_failed_job(Path(hc.sweep.dir), run_dir, str(err))
         sys.exit(2)
     except JobDied as err:
         print(f"error: {run_dir}: {err}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
-        return {"status": RunStatus.FAILED, "message": str(err)}
+        return record_failed_job(Path(hc.sweep.dir), run_dir, str(err))
     except RunInterrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
+        print(f"interrupted: {err}; to resume: {resume_command(hc)}", file=sys.stderr)
         hand_on(err.signum)
-    status = summary["status"]
-    log.info("%s: %s, final training error %s, test error %s", run_dir, status,
-             summary.get("final_train_error"), summary.get("final_test_error"))  # fmt: skip
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training started)
+        print(f"interrupted: {run_dir}: stopped at once by Ctrl-C, its newest checkpoint kept; "
+              f"to resume: {resume_command(hc)}", file=sys.stderr)  # fmt: skip
+        hand_on(signal.SIGINT)
+    log.info(outcome_line(run_dir, summary))
     return summary
 
 
@@ -67,6 +72,7 @@ def hand_on(signum: int) -> None:
     """
     if signum != signal.SIGINT:
         signal.raise_signal(signum)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # one more Ctrl-C while Python exits: no traceback
     sys.exit(128 + signum)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_flax.rundir import mark_unfinished_failed
+from resnet_flax.rundir import mark_unfinished_failed, read_failed_jobs
 from resnet_flax.training.guard import JobDied, run_guarded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,10 @@ def test_sweep_goes_on_after_a_job_aborts(tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the sweep went on, and its exit status and failed_jobs.jsonl say that a job failed
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (failed,) = read_failed_jobs(sweep)
+    assert "depth=8" in failed["job"] and "SIGABRT" in failed["message"]
     summaries = {
         json.loads(p.read_text()).get("depth", 8): json.loads(p.read_text())
         for p in sweep.glob("*/summary.json")

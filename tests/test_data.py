@@ -302,4 +302,4 @@ def test_digits_train_without_tensorflow_and_tfds_sets_name_the_extra(tmp_path):
     refused = train("dataset=cifar10", f"hydra.run.dir={tmp_path / 'c'}")
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
-    assert "pip install 'resnet-flax[tfds]'" in errors[0]
+    assert ".venv/bin/pip install -e '.[tfds]'" in errors[0]  # a clone's command, not PyPI's

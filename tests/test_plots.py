@@ -152,3 +152,25 @@ def test_diverged_run_curve_is_marked_not_averaged(tmp_path: Path, monkeypatch) 
     x, y = lines["plain-20"].get_data()
     seed_mean = 0.05 + 0.85 * math.exp(-1000 / 200) + 0.001  # test_runs._curve, seeds 0 and 1
     assert x[-1] == 1000 and y[-1] == pytest.approx(seed_mean)
+
+
+def test_figures_say_which_training_error_they_show(tmp_path: Path, monkeypatch) -> None:
+    # Fails when a training curve (running mean of each log interval, training mode) and a
+    # final training error (eval mode, whole training set) carry the same unqualified label.
+    from resnet_flax.analysis import plots
+
+    figures = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, _, name: figures.update({name: fig}))
+    make_all_figures(_load(make_sweep(tmp_path)), tmp_path / "figs")
+    curves, tests = (ax.get_title() for ax in figures["fig1_plain"].axes[:2])
+    assert "running" in curves and "training mode" in curves and "eval mode" in tests
+    legend = [t.get_text() for t in figures["fig6_panels"].axes[0].get_legend().get_texts()]
+    assert "train (running)" in legend and "test (eval mode)" in legend
+    final = figures["degradation_curve"].axes[0].get_title()
+    assert final == plots.FINAL_TRAIN["eval"] and "whole training set" in final
+    # Runs without a summary yet: their final training error is the last running mean.
+    figures.clear()
+    for depth in (20, 56):
+        write_run(tmp_path / "partial", "plain", depth, 0, status=None)
+    make_all_figures(_load(tmp_path / "partial"), tmp_path / "figs2")
+    assert figures["degradation_curve"].axes[0].get_title() == plots.FINAL_TRAIN["running"]

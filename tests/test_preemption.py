@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,6 +60,13 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def resume_command(stderr: str) -> list[str]:
+    """The command the one `interrupted:` line of a stopped run prints to resume it."""
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1 and "; to resume: " in lines[0], stderr[-3000:]
+    return shlex.split(lines[0].split("; to resume: ", 1)[1])
+
+
 def run_dirs(job_dir: Path, args: list[str]) -> list[Path]:
     """The run directories of a job: itself, or its seeds' for a seed group."""
     grouped = "trainer.vmap_seeds=2" in args
@@ -96,7 +104,8 @@ def test_signal_saves_interrupts_and_resumes_exactly(tmp_path, case, request):
     # within seconds of the chunk the signal arrived in (which still compiles)
     assert time.time() - sent < 120
     assert code == (130 if signum == signal.SIGINT else -signum), err[-3000:]
-    assert "rerun the same command to resume" in err
+    resume = resume_command(err)
+    assert resume[-1] == f"hydra.run.dir={victim}", resume
     for run_dir in run_dirs(victim, args):
         summary = read_summary(run_dir)
         assert summary["status"] == "interrupted", summary
@@ -105,7 +114,8 @@ def test_signal_saves_interrupts_and_resumes_exactly(tmp_path, case, request):
         # one checkpoint, where the run stopped: past the start, before the periodic one at 40
         assert saved == [summary["iterations"]] and 0 < saved[0] < 40
     assert finish(whole)[0] == 0
-    code, err = finish(start(victim, args))
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    code, err = finish(subprocess.Popen(resume, cwd=ROOT, text=True, **pipes))
     assert code == 0, err[-3000:]
     for stopped_dir, whole_dir in zip(
         run_dirs(victim, args), run_dirs(reference, args), strict=True
@@ -147,3 +157,51 @@ def test_run_interrupted_survives_pickling_between_processes():
     err = pickle.loads(pickle.dumps(RunInterrupted(signal.SIGUSR2, 35, "/runs/a")))
     assert (err.signum, err.iteration, err.run_dir) == (signal.SIGUSR2, 35, "/runs/a")
     assert "SIGUSR2 at iteration 35" in str(err)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_in_one_line_and_the_printed_command_resumes(tmp_path):
+    # Fails when the second Ctrl-C ends in a KeyboardInterrupt traceback, or when the printed
+    # command starts a new run: the default run directory is named by the time, so the same
+    # command would train from iteration 0 into a new one.
+    long_chunks = [
+        "trainer.iterations=2000",
+        "trainer.log_every=1000",  # the step loop returns to Python every step: Ctrl-C lands
+        "trainer.eval_every=1000",
+        "trainer.checkpoint_every=1000",
+        "trainer.step_loop=python",
+    ]
+    args = [*RUN, *long_chunks, "dataset=digits", ONE_DEVICE, f"results_dir={tmp_path}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (_metrics(tmp_path).parent / "checkpoints" / "1000").is_dir():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run did not reach iteration 1000"
+        time.sleep(0.05)
+    time.sleep(1.0)  # in the second chunk (1000 steps: many seconds)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # the first is handled (stop after this chunk) before the second arrives
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: ")
+    run_dir = _metrics(tmp_path).parent
+    summary = read_summary(run_dir)
+    assert summary["status"] == "interrupted" and "second Ctrl-C" in summary["message"]
+    assert (run_dir / "checkpoints" / "1000").is_dir()  # the newest checkpoint is kept
+    resume = resume_command(err)
+    assert resume[-1] == f"hydra.run.dir={run_dir}"
+    again = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {run_dir} from iteration 1000" in again.stdout + again.stderr
+    assert read_summary(run_dir)["status"] == "completed"
+    assert [p.parent for p in (tmp_path / "runs").rglob("summary.json")] == [run_dir]
+
+
+def _metrics(results_dir: Path) -> Path:
+    """The metrics file of the one run under results_dir (a path that does not exist yet)."""
+    found = sorted((results_dir / "runs").glob("*/*/metrics.jsonl"))
+    return found[0] if found else results_dir / "runs" / "none" / "metrics.jsonl"

@@ -398,9 +398,9 @@ def test_resnet_1k_layers_bottleneck_net_is_ours_with_stride_on_the_first_1x1():
 
 @pytest.mark.parametrize("model", ["residual", "plain"])
 def test_pytorch_baseline_is_ours(model):
-    # resnet_flax.bench.torch_baseline: CIFAR plain/residual nets, basic units, option A.
+    # benchmarks.torch_baseline: CIFAR plain/residual nets, basic units, option A.
     torch = pytest.importorskip("torch")
-    from resnet_flax.bench.torch_baseline import build_torch_model
+    from benchmarks.torch_baseline import build_torch_model
 
     spec = ModelSpec(model=model, depth=14)
     x = images((4, 16, 16, 3))

@@ -163,3 +163,17 @@ def test_diverged_run_is_named_and_left_out_of_the_verdict(tmp_path: Path) -> No
     verdict = report.verdicts["cifar10"]
     assert verdict.plain_degrades and verdict.residual_avoids
     assert "5.00% (depth 20)" in verdict.text  # seeds 0 and 1 only
+
+
+def test_report_says_which_training_error_each_table_holds(tmp_path: Path) -> None:
+    # Fails when the report's training error (eval mode on the whole training set; for a
+    # streamed dataset the last running mean) is unqualified, or qualified wrongly.
+    sweep = make_sweep(tmp_path)
+    text = write_report(_load(sweep), sweep).text
+    assert "| train error, eval mode (%) | test error, eval mode (%) |" in text
+    assert "plain train, eval mode (%)" in text
+    assert "training curves are the running training-mode error of each log interval" in text
+    for model in ("plain", "residual"):
+        write_run(tmp_path / "in", model, 18, 0, dataset="imagenet2012")
+    streamed = write_report(_load(tmp_path / "in"), tmp_path / "r.md").text
+    assert "| train error, running, training mode (%) |" in streamed

@@ -97,9 +97,11 @@ def test_batch_not_divisible_by_devices_fails_with_one_line(tmp_path):
         (["no_such_key=1"], "error: unknown key 'no_such_key'"),
         (["trainer.eval_evry=5"], "error: unknown key 'trainer.eval_evry'"),
         (["+trainer.iteration=50"], "error: unknown trainer key(s) iteration; valid: batch_size"),
+        (["+lr=0.5"], "error: unknown key(s) lr; valid: block"),  # + adds keys Hydra lacks
         (
             ["dataset=imagenet21k"],
-            "error: Could not find 'dataset/imagenet21k'; available: cifar10",
+            "error: Could not find 'dataset/imagenet21k'; available: cifar10, cifar100, digits, "
+            "fashion_mnist, imagenet2012, imagenette, mnist, npz, svhn_cropped",
         ),
         (["-m", "depth=8,9,57"], "error: job depth=9"),
     ],
@@ -170,6 +172,9 @@ def test_smoke_sweep_basic_launcher_and_resume(tmp_path):
     proc = run_train("-m", *SMOKE_SWEEP, f"hydra.sweep.dir={sweep_dir}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_sweep(sweep_dir)
+    for job in (p for p in sweep_dir.iterdir() if p.is_dir()):  # each job's last line, once
+        line = f"{job}: {final_errors(json.loads((job / 'summary.json').read_text()))}"
+        assert (proc.stdout + proc.stderr).count(line) == 1, proc.stdout[-3000:]
     before = {p: (p / "metrics.jsonl").read_text() for p in sweep_dir.iterdir() if p.is_dir()}
     # Rerunning the same command on the same sweep dir resumes: finished runs are skipped.
     proc = run_train("-m", *SMOKE_SWEEP, f"hydra.sweep.dir={sweep_dir}", timeout=300)
@@ -211,6 +216,27 @@ def test_smoke_sweep_multi_gpu_launcher_runs_on_cpu_too(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_sweep(sweep_dir, parallel_jobs=2)
     assert (sweep_dir / ".gpu_locks").is_dir()
+
+
+def final_errors(summary: dict) -> str:
+    """'completed, final training error 1.25%, test error 2.50%' of one run's summary."""
+    train, test = (100 * summary[f"final_{split}_error"] for split in ("train", "test"))
+    return f"{summary['status']}, final training error {train:.2f}%, test error {test:.2f}%"
+
+
+@pytest.mark.slow
+def test_a_seed_group_ends_with_each_seeds_errors(tmp_path):
+    # Fails when the group's last line reads the group's summary as one run's ("final
+    # training error None, test error None"), or when the line is logged twice.
+    run_dir = tmp_path / "group"
+    args = ["depth=8", *TINY, "trainer.vmap_seeds=2", "cpu_devices=1", "seed=3"]
+    proc = run_train(*args, f"hydra.run.dir={run_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds = [json.loads((run_dir / f"seed_{s}" / "summary.json").read_text()) for s in (3, 4)]
+    parts = [f"seed {s['seed']}: {final_errors(s)}" for s in seeds]
+    line = "; ".join([f"{run_dir}: completed", *parts])
+    assert (proc.stdout + proc.stderr).count(line) == 1, proc.stdout[-3000:]
+    assert "None" not in proc.stdout
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from experiments.cli.schema import command_fields, plain, schema_entry
-from resnet_flax.models.spec import ModelSpec
+from resnet_flax.models.spec import ModelSpec, SpecError
 
 
 def model_info_schema() -> type:
@@ -25,6 +25,11 @@ def model_spec(cfg: DictConfig) -> tuple[ModelSpec, int | None]:
     """(ModelSpec, input size) of a composed experiments.model_info config."""
     values = plain(cfg)
     input_size = values.pop("input_size")
+    valid = [f.name for f in command_fields(ModelSpec, True)]
+    unknown = sorted(set(values) - set(valid))  # added with +key, which the schema cannot stop
+    if unknown:
+        valid_keys = ", ".join(sorted([*valid, "input_size"]))
+        raise SpecError(f"unknown key(s) {', '.join(unknown)}; valid: {valid_keys}")
     return ModelSpec(**values), input_size
 
 

@@ -55,8 +55,7 @@ def one_line(err: Exception) -> str:
     if "Could not find" in text:  # a group option: name the ones there are
         start = next((i for i, line in enumerate(lines) if "Available options" in line), 0)
         listed = itertools.takewhile(lambda line: not line.endswith(":"), lines[start + 1 :])
-        options = [o for o in listed if not o.startswith("base")]  # bases the others extend
-        return f"{text.split(': ', 1)[-1]}; available: {', '.join(options)}"
+        return f"{text.split(': ', 1)[-1]}; available: {', '.join(listed)}"
     where = ""
     if text.startswith("In '") or text.startswith("Error merging"):
         where = next(iter(text.split("'")[1:2]), "")

@@ -9,7 +9,14 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.cli.schema import ROOT, command_fields, plain, schema_entry, schema_of
+from experiments.cli.schema import (
+    ROOT,
+    command_fields,
+    compose_config,
+    plain,
+    schema_entry,
+    schema_of,
+)
 from resnet_flax.data.config import STREAMED, DataConfig
 from resnet_flax.models.spec import ModelSpec
 from resnet_flax.training.config import ConfigError, RunInfo, TrainerConfig
@@ -80,6 +87,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     for part, cls in FLAT.items():
         names = [f.name for f in command_fields(cls)]
         sections[part] = {name: values.pop(name) for name in names if name in values}
+    if values:  # added with +key: Hydra lets a + override add a key the schema lacks
+        valid = sorted([f.name for cls in FLAT.values() for f in command_fields(cls)] + [*GROUPS])
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(values))}; valid: {', '.join(valid)}")
     cache = sections["info"].get("compilation_cache_dir")
     if cache:
         path = Path(cache).expanduser()
@@ -88,3 +98,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
 
 
 register()
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """experiments.train's composed config with `overrides`, Hydra's own node included."""
+    return compose_config(overrides, "config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnet_flax.analysis.runs import run_status
 from resnet_flax.data import augment as aug
 from resnet_flax.data.memory import load_dataset
 from resnet_flax.models.resnet import flatten_responses
-from resnet_flax.rundir import ANALYSIS_FILE, RUN_CONFIG_FILE, read_summary, write_json
-from resnet_flax.training.checkpoints import Checkpointer, abstract_like
+from resnet_flax.rundir import (
+    ANALYSIS_FILE,
+    CHECKPOINT_DIR,
+    RUN_CONFIG_FILE,
+    RunStatus,
+    metrics_iterations,
+    read_summary,
+    write_json,
+)
+from resnet_flax.training.checkpoints import Checkpointer, CheckpointMismatch, abstract_like
 from resnet_flax.training.optim import make_optimizer
 from resnet_flax.training.run_config import RunConfig, read_run_config
 from resnet_flax.training.state import initial_state
@@ -52,13 +62,16 @@ def _kernels(blocks) -> list[jax.Array]:
     return [conv["conv"]["kernel"] for _, conv in sorted(blocks["convs"].items())]
 
 
-def gradient_norm_fn(graphdef, x: jax.Array, y: jax.Array) -> Callable[..., dict[str, float]]:
+def gradient_norm_fn(
+    graphdef, x: jax.Array, y: jax.Array, compiler_options: dict | None = None
+) -> Callable[..., dict[str, float]]:
     """A compiled (params, batch_stats) -> {layer: gradient L2 norm} on one batch, train mode.
 
-    Built once per run so the initial and the final parameters share one compilation.
+    Built once per run so the initial and the final parameters share one compilation;
+    `compiler_options` go to XLA (jax.jit's).
     """
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def grads(params, batch_stats):
         def loss(p):
             model = nnx.merge(graphdef, p, batch_stats, copy=True)
@@ -110,13 +123,25 @@ def response_std(
 
 
 def restore_final(
-    run_dir: Path, template: dict, summary: dict, allow_older: bool = False
+    run_dir: Path,
+    template: dict,
+    summary: dict,
+    allow_older: bool = False,
+    allow_unfinished: bool = False,
 ) -> tuple[int, dict]:
     """(step, state) of the newest checkpoint that restores; an AnalysisError when there is
-    none, or when it is older than the run's `summary` iteration and not `allow_older`."""
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    restored = checkpointer.restore_latest(abstract_like(template))
-    checkpointer.close()
+    none, when the run did not complete and not `allow_unfinished`, or when the checkpoint is
+    older than the run's `summary` iteration and not `allow_older`. Reads only."""
+    check_finished(run_dir, summary, allow_unfinished)
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        raise AnalysisError(f"{run_dir} has no {CHECKPOINT_DIR}/; train it first")
+    checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR)
+    try:
+        restored = checkpointer.restore_latest(abstract_like(template))
+    except CheckpointMismatch as err:
+        raise AnalysisError(str(err)) from None
+    finally:
+        checkpointer.close()
     if restored is None:
         raise AnalysisError(f"{run_dir} has no checkpoint that restores; train it first")
     step, state = restored
@@ -132,8 +157,25 @@ def restore_final(
     return int(step), state
 
 
+def check_finished(run_dir: Path, summary: dict, allow_unfinished: bool) -> None:
+    """An AnalysisError for a run that did not complete: its newest checkpoint is no final net."""
+    status = run_status(run_dir, summary)
+    if status == RunStatus.COMPLETED or allow_unfinished:
+        return
+    reached = metrics_iterations(run_dir)
+    where = f" at iteration {reached}" if reached is not None else ""
+    raise AnalysisError(
+        f"{run_dir} is {status}{where}, not completed: its newest checkpoint is not the trained "
+        "network; finish the run (rerun its training command), or pass --allow-unfinished to "
+        "analyse it as it is"
+    )
+
+
 def analyze_run(
-    run_dir: str | Path, grad_batch: int = 256, allow_older_checkpoint: bool = False
+    run_dir: str | Path,
+    grad_batch: int = 256,
+    allow_older_checkpoint: bool = False,
+    allow_unfinished: bool = False,
 ) -> dict:
     """Test-set response std and gradient norms at init and at the end, into analysis.json."""
     run_dir = Path(run_dir)
@@ -146,7 +188,9 @@ def analyze_run(
     graphdef, template = initial_state(spec, seed, make_optimizer(cfg.optim), len(data.x_train))
     init_params, init_stats = template["params"], template["batch_stats"]
     summary = read_summary(run_dir)
-    step, state = restore_final(run_dir, template, summary, allow_older_checkpoint)
+    step, state = restore_final(
+        run_dir, template, summary, allow_older_checkpoint, allow_unfinished
+    )
 
     x = aug.normalize(jnp.asarray(data.x_train[:grad_batch]), mean, std)
     y = jnp.asarray(data.y_train[:grad_batch])

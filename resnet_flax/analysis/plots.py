@@ -32,6 +32,17 @@ MODEL_LINESTYLES = {"plain": "--", "residual": "-", "preact": ":"}
 MODEL_MARKERS = {"plain": "s", "residual": "o", "preact": "^"}
 DEEP_RESIDUAL = 110  # Fig. 6 right panel: ResNet-110 and deeper.
 DIVERGED = "diverged"  # curve column: the run diverged, so its curve is drawn alone, marked
+# Two training errors, which can differ several-fold: the curves show the
+# running mean over each log interval in training mode (augmented batches, batch statistics,
+# weights still moving); a run's final one is measured afterwards in eval mode on the whole
+# training set (streamed datasets, too large for that pass, keep the last running one).
+RUNNING_TRAIN = "training error: running mean of each log interval, training mode"
+EVAL_TEST = "test error: whole test set, eval mode"
+FINAL_TRAIN = {
+    "eval": "final training error: whole training set, eval mode",
+    "running": "final training error: last log interval's running mean, training mode",
+    "mixed": "final training error: eval mode on the whole set (running where not measured)",
+}
 STYLE = {
     "font.size": 8,
     "axes.titlesize": 8,
@@ -151,9 +162,13 @@ def fig1_plain(
         fig, (left, right) = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.6), sharex=True, sharey=True)
         _plot_curves(left, train, "train_error", colors)
         _plot_curves(right, evals, "test_error", colors, linewidth=1.5)
-        for ax, label in ((left, "training error"), (right, "test error")):
+        for ax, label, title in (
+            (left, "training error", RUNNING_TRAIN),
+            (right, "test error", EVAL_TEST),
+        ):
             _iteration_axis(ax)
             _percent_axis(ax, label)
+            ax.set_title(title)
             ax.legend(loc="upper right")
         right.yaxis.set_tick_params(labelleft=True)
         _zero_bottom((left, right))
@@ -186,7 +201,8 @@ def fig6_panels(
     colors: dict[int, tuple],
     out_dir: str | Path,
 ) -> list[Path]:
-    """Fig. 6: one panel per net family; dashed = training error, bold = test error."""
+    """Fig. 6: one panel per net family; dashed = training error (running, training mode),
+    bold = test error (eval mode)."""
     panels = fig6_panel_specs(finals)
     if not panels:
         log.info("fig6_panels skipped: no runs with curves")
@@ -213,8 +229,8 @@ def fig6_panels(
 def _train_test_handles() -> list[Line2D]:
     """Legend entries explaining the line styles of Fig. 6."""
     return [
-        Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="train"),
-        Line2D([], [], color="grey", linestyle="-", linewidth=1.6, label="test"),
+        Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="train (running)"),
+        Line2D([], [], color="grey", linestyle="-", linewidth=1.6, label="test (eval mode)"),
     ]
 
 
@@ -226,18 +242,27 @@ def degradation_curve(finals: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         return []
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.6), sharey=True)
-        for ax, value, label in (
-            (axes[0], "final_train_error", "final training error"),
-            (axes[1], "final_test_error", "final test error"),
+        for ax, value, label, title in (
+            (axes[0], "final_train_error", "final training error", final_train_title(finals)),
+            (axes[1], "final_test_error", "final test error", EVAL_TEST),
         ):
             _plot_error_vs_depth(ax, table, value)
             ax.set_xlabel("depth (weighted layers)")
             _percent_axis(ax, label)
+            ax.set_title(title)
             ax.legend(loc="best")
         axes[1].yaxis.set_tick_params(labelleft=True)
         _zero_bottom(axes)
         fig.tight_layout()
         return save_figure(fig, out_dir, "degradation_curve")
+
+
+def final_train_title(finals: pd.DataFrame) -> str:
+    """Which training error the runs' final values are: eval mode, running, or both."""
+    sources = set(finals.get("train_error_source", pd.Series(dtype=object)).dropna())
+    if sources == {"running"}:
+        return FINAL_TRAIN["running"]
+    return FINAL_TRAIN["mixed"] if "running" in sources else FINAL_TRAIN["eval"]
 
 
 def _plot_error_vs_depth(ax: plt.Axes, table: pd.DataFrame, value: str) -> None:

@@ -15,15 +15,18 @@ import yaml
 
 from resnet_flax.rundir import (
     ANALYSIS_FILE,
+    FAILED_JOBS_FILE,
     HYDRA_CONFIG_FILE,
     METRICS_FILE,
     SEED_GROUP_MARKER,
     SUMMARY_FILE,
     RunStatus,
+    read_failed_jobs,
     read_json,
     read_metrics,
     read_summary,
 )
+from resnet_flax.rundir.owner import owner
 
 # Files whose presence marks a directory as a run directory.
 RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, HYDRA_CONFIG_FILE)
@@ -84,6 +87,17 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
             if is_run_dir(Path(root)):
                 found.add(Path(root).resolve())
     return sorted(found)
+
+
+def load_failed_jobs(paths: Sequence[str | Path]) -> list[dict]:
+    """The jobs that sweeps at or below `paths` recorded as failed (failed_jobs.jsonl)."""
+    found = []
+    for path in map(Path, paths):
+        for record in sorted(path.rglob(FAILED_JOBS_FILE)):
+            found += [
+                {**job, "sweep_dir": str(record.parent)} for job in read_failed_jobs(record.parent)
+            ]
+    return found
 
 
 def is_run_dir(path: Path) -> bool:
@@ -198,6 +212,19 @@ def _status_without_summary(run_dir: Path) -> str:
     return RunStatus.RUNNING if recent else RunStatus.INCOMPLETE
 
 
+def run_status(run_dir: Path, summary: dict) -> str:
+    """The run's status: its summary's, except that a run no process owns is not running.
+
+    A run killed outright (SIGKILL, a lost node) cannot write its summary, which keeps
+    saying 'running'; its lock tells (resnet_flax.rundir.owner). Without a summary, a run
+    whose files changed recently counts as running.
+    """
+    status = summary.get("status") or _status_without_summary(run_dir)
+    if summary.get("status") == RunStatus.RUNNING and owner(run_dir) is None:
+        return RunStatus.INCOMPLETE
+    return status
+
+
 def _fill_from_metrics(row: dict[str, Any], metrics: pd.DataFrame) -> None:
     """Fill missing final values from the last metrics lines; record where values came from."""
     train, evals = split_curves(metrics)
@@ -218,8 +245,10 @@ def _fill_from_metrics(row: dict[str, Any], metrics: pd.DataFrame) -> None:
         row["final_train_error"] = float(train["train_error"].iloc[-1])
         row["final_train_loss"] = _to_float(train["train_loss"].iloc[-1])
         row["train_error_source"], filled = "running", True
-    if row["iterations"] is None and not metrics.empty:
-        row["iterations"], filled = _to_int(metrics["iteration"].max()), True
+    reached = _to_int(metrics["iteration"].max()) if "iteration" in metrics else None
+    if reached is not None and row["status"] != FINISHED and reached > (row["iterations"] or 0):
+        # A run that did not finish got as far as its metrics, past its last summary.
+        row["iterations"], filled = reached, True
     if math.isnan(row["images_per_sec"]) and len(train) > 1:
         # Skip the first interval: it includes compilation.
         row["images_per_sec"] = float(train["images_per_sec"].iloc[1:].median())
@@ -233,7 +262,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     summary = read_summary(run_dir, warn=True)
     row: dict[str, Any] = {"run_dir": str(run_dir)}
     row.update(_identity(run_dir, summary, _read_config(run_dir)))
-    row["status"] = summary.get("status") or _status_without_summary(run_dir)
+    row["status"] = run_status(run_dir, summary)
     for field in SUMMARY_FIELDS:
         row[field] = summary.get(field)
     for field in SUMMARY_FIELDS:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from resnet_flax.analysis.plots import make_all_figures
 from resnet_flax.analysis.report import write_report
-from resnet_flax.analysis.runs import find_run_dirs, load_runs
+from resnet_flax.analysis.runs import find_run_dirs, load_failed_jobs, load_runs
 
 
 class NoRuns(ValueError):
@@ -30,13 +30,14 @@ def plot_runs(paths: Sequence[Path], out: Path | None = None) -> list[str]:
     if missing:
         raise FileNotFoundError(f"no such directory: {', '.join(missing)}")
     runs = load_runs(paths)
+    failed = [f"failed job {job['job']}: {job['message']}" for job in load_failed_jobs(paths)]
     if runs.empty:
         raise NoRuns(
             "no runs found (no summary.json, metrics.jsonl or .hydra/config.yaml) "
             f"under {', '.join(map(str, paths))}"
         )
     fig_dir, report_dir = output_dirs(paths, out)
-    lines = [f"{len(runs)} runs: {runs['status'].value_counts().to_dict()}"]
+    lines = failed + [f"{len(runs)} runs: {runs['status'].value_counts().to_dict()}"]
     for figure_paths in make_all_figures(runs, fig_dir).values():
         lines += [str(p) for p in figure_paths]
     report = write_report(runs, report_dir / "report.md")
@@ -46,7 +47,10 @@ def plot_runs(paths: Sequence[Path], out: Path | None = None) -> list[str]:
 
 
 def analyze_runs(
-    paths: Sequence[Path], grad_batch: int = 256, allow_older_checkpoint: bool = False
+    paths: Sequence[Path],
+    grad_batch: int = 256,
+    allow_older_checkpoint: bool = False,
+    allow_unfinished: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Layer diagnostics (analysis.json) of every run under paths: (done lines, skip lines)."""
     from resnet_flax.analysis.layer_stats import AnalysisError, analyze_run
@@ -57,7 +61,7 @@ def analyze_runs(
     done, skipped = [], []
     for run in runs:
         try:
-            result = analyze_run(run, grad_batch, allow_older_checkpoint)
+            result = analyze_run(run, grad_batch, allow_older_checkpoint, allow_unfinished)
         except AnalysisError as err:
             skipped.append(f"skip {run}: {err}")
             continue

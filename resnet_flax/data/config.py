@@ -98,6 +98,6 @@ def require_tfds(dataset: str) -> None:
     except ImportError as err:
         raise DataError(
             f"dataset {dataset!r} is read with TensorFlow Datasets, which is not installed "
-            f"({err.name}): pip install 'resnet-flax[{TFDS_EXTRA}]' (`make test` installs it); "
-            "digits and npz need neither"
+            f"({err.name}): in the repository run .venv/bin/pip install -e '.[{TFDS_EXTRA}]' "
+            "(`make test` installs it); digits and npz need neither"
         ) from err

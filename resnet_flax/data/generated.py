@@ -11,10 +11,13 @@ input benchmark exercise the real reading, decoding and augmentation path.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
+
+from resnet_flax.data.config import DataError, require_tfds
 
 # imagenette's ten ImageNet classes (TFDS image_classification/imagenette_labels.txt).
 IMAGENETTE_WNIDS = (
@@ -78,14 +81,19 @@ def build_fake_imagenette(
     return data_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: build a generated imagenette into --data-dir."""
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build a generated imagenette into --data-dir; returns the exit code."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--train-per-class", type=int, default=100)
     p.add_argument("--val-per-class", type=int, default=20)
     p.add_argument("--config", default="320px-v2", choices=sorted(ARCHIVE_DIRS))
     args = p.parse_args(argv)
+    try:
+        require_tfds("imagenette")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     height = 320 if args.config == "320px-v2" else 160
     build_fake_imagenette(
         args.data_dir,
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         config=args.config,
     )
     print(f"built imagenette/{args.config} from generated JPEGs in {args.data_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

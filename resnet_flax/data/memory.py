@@ -6,6 +6,7 @@ from TFDS by resnet_flax.data.stream.open_stream.
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -19,6 +20,11 @@ from resnet_flax.data.config import (
     DataError,
     require_tfds,
 )
+
+log = logging.getLogger(__name__)
+
+# Channel counts of image arrays: one before the spatial axes (and none after) means NCHW.
+IMAGE_CHANNELS = (1, 3)
 
 # The validation split is always drawn with this seed, so every run of a sweep sees the same one.
 VALIDATION_SEED = 12345
@@ -109,6 +115,15 @@ def _as_images(name: str, array: np.ndarray) -> np.ndarray:
         raise DataError(
             f"npz array {name!r} must have shape (N, H, W) or (N, H, W, C); got {array.shape}"
         )
+    if array.shape[1] in IMAGE_CHANNELS and array.shape[3] not in IMAGE_CHANNELS:
+        log.warning(
+            "npz array %r has shape %s, channels first (N, C, H, W): transposed to (N, H, W, C) "
+            "%s; store it channels last to silence this",
+            name,
+            array.shape,
+            (array.shape[0], *array.shape[2:], array.shape[1]),
+        )
+        array = np.moveaxis(array, 1, -1)
     if np.issubdtype(array.dtype, np.floating):
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
@@ -127,6 +142,14 @@ def _as_images(name: str, array: np.ndarray) -> np.ndarray:
         raise DataError(f"npz array {name!r} must be uint8 (or float in [0, 1]); got {array.dtype}")
     if array.size and (array.min() < 0 or array.max() > 255):
         raise DataError(f"npz integer array {name!r} must hold values in 0..255")
+    if array.size and array.max() <= 1:
+        log.warning(
+            "npz integer array %r holds values up to %d only: integer images are read on the "
+            "0..255 scale, so these train as nearly black images; multiply them by 255 (or "
+            "store floats in [0, 1])",
+            name,
+            array.max(),
+        )
     return array.astype(np.uint8)
 
 
@@ -222,6 +245,14 @@ def load_npz(path: str | None, num_classes: int | None = None) -> Dataset:
     labels = _npz_labels(arrays, {"train": len(x_train), "test": len(x_test)}, num_classes)
     if len(x_train) == 0 or len(x_test) == 0:
         raise DataError("x_train and x_test must each hold at least one image")
+    unseen = np.setdiff1d(labels["test"], labels["train"])
+    if unseen.size:
+        log.warning(
+            "npz classes %s occur in y_test but never in y_train: the net cannot learn them, "
+            "so their %d test images count as errors whatever it learns",
+            _format_labels(unseen),
+            int(np.isin(labels["test"], unseen).sum()),
+        )
     return Dataset(
         Path(path).stem,
         x_train,

@@ -16,9 +16,15 @@ from resnet_flax.models.initializers import dense_init, he_normal, stacked_modul
 from resnet_flax.models.spec import Architecture, ModelSpec, StagePlan, for_backend, resolve
 
 
+def decided(spec: ModelSpec) -> ModelSpec:
+    """The spec with its "auto" choices decided for this process's backend (a run's are)."""
+    auto = "auto" in (spec.conv_impl, spec.stage_loop, spec.block)
+    return for_backend(spec, current_backend()) if auto else spec
+
+
 def _conv_fn(spec: ModelSpec) -> Callable:
     """The convolution primitive for this spec (XLA's, or the CPU-friendly custom VJP)."""
-    return select_conv(spec.conv_impl)
+    return select_conv(decided(spec).conv_impl)
 
 
 def _batch_norm(
@@ -193,7 +199,7 @@ class Stage(nnx.Module):
 
     def __init__(self, spec: ModelSpec, kind: str, cin: int, plan: StagePlan, rngs: nnx.Rngs):
         self.remat = spec.remat
-        self.unroll = spec.stage_loop == "unroll"
+        self.unroll = decided(spec).stage_loop == "unroll"
         self.first = Block(
             spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs, stage_first=True
         )
@@ -303,13 +309,13 @@ def build_model(spec: ModelSpec, seed: int = 0) -> ResNet:
     Drawn with programs per parameter shape (models.initializers), which every network of
     the same widths shares: a second depth in a process compiles nothing.
     """
-    arch = resolve(for_backend(spec, current_backend()))
+    arch = resolve(decided(spec))
     return ResNet(arch, rngs=nnx.Rngs(jax.random.key(seed)))
 
 
 def abstract_model(spec: ModelSpec) -> ResNet:
     """The network with shapes only (no memory, no compile): for counting and restoring."""
-    arch = resolve(for_backend(spec, current_backend()))
+    arch = resolve(decided(spec))
     return nnx.eval_shape(lambda: ResNet(arch, rngs=nnx.Rngs(0)))
 
 

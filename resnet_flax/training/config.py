@@ -47,6 +47,9 @@ class TrainerConfig:
     vmap_seeds: int = 1
     # Batches copied to the devices ahead of the running step (streaming datasets).
     device_prefetch: int = 2
+    # Let a resumed run continue with another recipe (optim.*, augmentation): the change is
+    # recorded, dated, in the run directory's recipe_changes.jsonl (resnet_flax.rundir).
+    allow_recipe_change: bool = False
 
     def __post_init__(self) -> None:
         check_trainer(self)

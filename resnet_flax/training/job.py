@@ -9,21 +9,24 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from resnet_flax.rundir import RunStatus, read_summary
+from resnet_flax.rundir import RunStatus, read_summary, seed_run_dirs
+from resnet_flax.rundir.identity import DATA_DERIVED, check_run_dir, completed_iterations
 from resnet_flax.training.cpu_devices import (
     cpu_device_count,
     jax_backend_started,
     usable_cores,
     use_cpu_devices,
 )
-from resnet_flax.training.guard import run_guarded
+from resnet_flax.training.guard import run_guarded, run_here
 from resnet_flax.training.loop import train
 from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.runtime import enable_compilation_cache, maybe_initialize_distributed
-from resnet_flax.training.seeds import seed_run_dirs
 
 log = logging.getLogger(__name__)
 
+# Keys a run records as it decided them for its backend (a command may leave them "auto").
+DECIDED_WHEN_RUN = ("model.block", "model.conv_impl", "model.stage_loop", "trainer.step_loop",
+                    "info.cpu_devices", "info.compilation_cache_dir")  # fmt: skip
 # Files that only Hydra writes before the job starts; a directory holding nothing else is no run.
 HYDRA_ONLY = (".hydra", "train.log")
 
@@ -54,13 +57,16 @@ def run_job(run_dir: Path, cfg: RunConfig, parallel_jobs: int = 1) -> dict:
     """Train (or resume) the run into run_dir unless it already completed; its summary."""
     finished = completed_summary(run_dir, cfg)
     if finished is not None:
-        done = finished.get("iterations", cfg.trainer.iterations)
-        log.info("%s already completed %s iterations; skipping", run_dir, done)
+        # A finished run is skipped only for a command that asks for this run.
+        allow = cfg.trainer.allow_recipe_change
+        check_run_dir(run_dir, cfg.to_dict(), allow, DATA_DERIVED + DECIDED_WHEN_RUN)
+        done = completed_iterations(finished)
+        log.info("%s already completed %d iterations; skipping", run_dir, done)
         return finished
     plan = plan_job(cfg, parallel_jobs)
     cfg = cfg.replace(info=dataclasses.replace(cfg.info, cpu_devices=plan.cpu_devices))
     job = functools.partial(start_and_train, run_dir, cfg, plan)
-    return run_guarded(job, run_dir) if plan.guarded else job()
+    return run_guarded(job, run_dir) if plan.guarded else run_here(job, run_dir)
 
 
 def start_and_train(run_dir: Path, cfg: RunConfig, plan: JobPlan) -> dict:
@@ -102,3 +108,22 @@ def remove_if_empty(run_dir: Path) -> None:
         elif path.exists():
             path.unlink()
     run_dir.rmdir()
+
+
+def outcome_line(run_dir: Path, summary: dict) -> str:
+    """A job's last log line: its status and each run's final training and test error.
+
+    A seed group's summary holds its seeds' summaries under "runs": each seed is named.
+    """
+    group = "runs" in summary
+    parts = [f"{run_dir}: {summary.get('status')}"]
+    for run in summary.get("runs") or [summary]:
+        seed = f"seed {run.get('seed')}: {run.get('status')}, " if group else ""
+        train, test = (_percent(run.get(f"final_{split}_error")) for split in ("train", "test"))
+        parts.append(f"{seed}final training error {train}, test error {test}")
+    return "; ".join(parts) if group else ", ".join(parts)
+
+
+def _percent(error: float | None) -> str:
+    """An error (a fraction) in percent; 'none' when the run recorded none."""
+    return "none" if error is None else f"{100 * error:.2f}%"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -9,21 +10,23 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
-from resnet_flax.backend import current_backend
 from resnet_flax.data.memory import Dataset
 from resnet_flax.data.stream import Stream
 from resnet_flax.rundir import RunStatus, git_commit, library_versions
+from resnet_flax.rundir.identity import claim_run_dir
+from resnet_flax.rundir.owner import owning
 from resnet_flax.training.construction import has_checkpoint
 from resnet_flax.training.preemption import RunInterrupted, StopRequests
 from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.runtime import make_mesh
-from resnet_flax.training.seeds import SeedGroup
 from resnet_flax.training.setup import Setup, construct_start, set_up
 from resnet_flax.training.sources import DataSource, open_data
+from resnet_flax.training.timings import Timings
 
 log = logging.getLogger(__name__)
 
 
+@owning  # the run directories this call claims are released when it returns
 def train(run_dir: str | Path, cfg: RunConfig, dataset: Dataset | Stream | None = None) -> dict:
     """Train (or resume) one run into run_dir and return its summary.
 
@@ -34,19 +37,30 @@ def train(run_dir: str | Path, cfg: RunConfig, dataset: Dataset | Stream | None 
     checkpoints, records the run as interrupted and raises RunInterrupted; the same call
     again resumes it. An init_from run first writes its constructed net as checkpoint 0.
     """
+    clock = Timings()  # the phases' seconds, for summary.json
     run_dir = Path(run_dir)
-    data = dataset if dataset is not None else open_data(cfg.dataset, cfg.trainer, cfg.info.seed)
-    run = set_up(cfg, data, make_mesh())
-    if run.constructed_from is not None and not has_checkpoint(run_dir):
-        construct_start(run, run_dir)
-    warn_if_vmapped_on_cpu(run.group)
+    with clock.phase("data"):
+        data = (
+            dataset if dataset is not None else open_data(cfg.dataset, cfg.trainer, cfg.info.seed)
+        )
+    with clock.phase("set_up"):
+        run = set_up(cfg, data, make_mesh())
     writer = jax.process_index() == 0  # one process of a multi-host job writes the records
-    records = run.group.records(run_dir, run.state, run.cfg, run_fields(run), run.mesh, writer)
-    with records as (start, state):
-        return train_from(run, run_dir, start, state)
+    # One owner, one run: refuse before restoring when the directory holds another run.
+    allow = run.cfg.trainer.allow_recipe_change
+    claim = claim_run_dir(run_dir, run.cfg.to_dict(), allow, lock=writer)
+    if run.constructed_from is not None and not has_checkpoint(run_dir):
+        with clock.phase("set_up"):
+            construct_start(run, run_dir)
+    warn_if_vmapped_on_cpu(run)
+    records = run.group.records(run_dir, run.state, claim, run_fields(run), run.mesh, writer)
+    with contextlib.ExitStack() as stack:
+        with clock.phase("checkpoint"):  # the records restore the newest checkpoint
+            start, state = stack.enter_context(records)
+        return train_from(run, run_dir, start, state, clock)
 
 
-def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
+def train_from(run: Setup, run_dir: Path, start: int, state: dict, clock: Timings) -> dict:
     """The loop from iteration `start`: chunks, logs, evaluations, checkpoints, the summary."""
     trainer, source, group, program = run.cfg.trainer, run.source, run.group, run.program
     source.start(start)
@@ -55,10 +69,13 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
     with StopRequests() as stop:
         try:
             if start == 0:  # the curves start at the untrained network, as the paper's do
-                group.log_eval(epoch_line(0, source), evaluate_all(run, state, source.eval_splits))
+                with clock.phase("eval"):
+                    results = evaluate_all(run, state, source.eval_splits)
+                group.log_eval(epoch_line(0, source), results)
             while iteration < trainer.iterations and group.running and stopped is None:
                 length = min(trainer.log_every, trainer.iterations - iteration)
-                state, metrics, elapsed, waited = timed_chunk(run, state, length)
+                with clock.phase("train"):
+                    state, metrics, elapsed, waited = timed_chunk(run, state, length)
                 train_s, iteration = train_s + elapsed, iteration + length
                 line = {
                     **epoch_line(iteration, source),
@@ -76,9 +93,12 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
                 )
                 done = iteration >= trainer.iterations
                 if iteration % trainer.eval_every == 0 or done:
-                    group.log_eval(line, evaluate_all(run, state, source.eval_splits))
+                    with clock.phase("eval"):
+                        results = evaluate_all(run, state, source.eval_splits)
+                    group.log_eval(line, results)
                 if iteration % trainer.checkpoint_every == 0 or done:
-                    group.save(iteration, state)
+                    with clock.phase("checkpoint"):
+                        group.save(iteration, state)
                 stopped = None if done else stop.agreed()
             if stopped is not None and group.running:
                 group.interrupt(iteration, state, stopped, source.steps_per_epoch)
@@ -88,16 +108,20 @@ def train_from(run: Setup, run_dir: Path, start: int, state: dict) -> dict:
         finally:
             bar.close()
             source.close()
+            with clock.phase("checkpoint"):
+                group.wait_for_saves()
     if stopped is not None and any(r.status == RunStatus.INTERRUPTED for r in group.runs):
         raise RunInterrupted(stopped, iteration, str(run_dir))
     completed = iteration >= trainer.iterations
-    final = evaluate_all(run, state, source.final_splits) if completed else {}
+    with clock.phase("eval"):
+        final = evaluate_all(run, state, source.final_splits) if completed else {}
     images = (iteration - start) * trainer.batch_size
     timing = {
         "compile_time_s": program.compile_s,
         "wall_s": time.perf_counter() - t_start,
         "images_per_sec": images / train_s if train_s else None,
         "input_wait_fraction": source.wait_s / train_s if train_s else None,
+        "timings": clock.record(),
         "compile_cache": run.cache_events.counts(),
     }
     return group.finish(iteration, source.steps_per_epoch, final, timing)
@@ -159,9 +183,10 @@ def progress_bar(run: Setup, start: int) -> tqdm:
     )
 
 
-def warn_if_vmapped_on_cpu(group: SeedGroup) -> None:
+def warn_if_vmapped_on_cpu(run: Setup) -> None:
     """Say once that a seed group on CPU is slower than separate runs."""
-    if group.stacked and current_backend() == "cpu":
+    group = run.group
+    if group.stacked and run.backend == "cpu":
         log.warning(
             "vmap_seeds=%d on CPU: vmapped convolutions become grouped convolutions, which "
             "XLA:CPU runs several times slower per image than separate runs; seed groups "

@@ -44,6 +44,17 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def process_index_from_env() -> int:
+    """This process's index in a multi-host job, read from the environment before JAX starts
+    (the variables maybe_initialize_distributed joins by); 0 in a single-process job.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return int(os.environ.get("JAX_PROCESS_ID") or os.environ.get("SLURM_PROCID") or 0)
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
 def enable_compilation_cache(path: str | None) -> None:
     """Persist compiled programs so reruns of the same shapes skip compilation.
 

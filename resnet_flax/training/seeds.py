@@ -8,7 +8,6 @@ diverges. The loop talks to the group the same way in both cases.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import signal
 from collections.abc import Callable, Iterator
@@ -30,20 +29,18 @@ from resnet_flax.rundir import (
     RunRecorder,
     RunStatus,
     read_summary,
+    write_failure,
     write_json,
 )
+from resnet_flax.rundir.identity import Claim
 from resnet_flax.training.checkpoints import Checkpointer, abstract_like, restore_common
 from resnet_flax.training.config import RunInfo
 from resnet_flax.training.construction import construction_fields
+from resnet_flax.training.preemption import RunInterrupted, requested_stop
 from resnet_flax.training.run_config import RunConfig
 from resnet_flax.training.state import SEED_AXES, initial_state, seed_state, stack_seeds
 
 log = logging.getLogger(__name__)
-
-
-def seed_run_dirs(run_dir: Path, seeds: list[int]) -> list[Path]:
-    """Where each seed writes: run_dir itself, or run_dir/seed_<s> when seeds train together."""
-    return seed_axis(seeds[0], len(seeds)).run_dirs(run_dir)
 
 
 @dataclass
@@ -206,26 +203,31 @@ class SeedGroup:
 
     # --- the records ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def records(self, run_dir: Path, state: dict, cfg: RunConfig, fields: dict, mesh: Mesh,
+    def records(self, run_dir: Path, state: dict, claim: Claim, fields: dict, mesh: Mesh,
                 writer: bool) -> Iterator[tuple[int, dict]]:  # fmt: skip
         """Open every seed's checkpoints and records; yield (start iteration, state).
 
         Resumes from the newest checkpoint every seed has ((0, state) when none); records start
-        there. One process (`writer`) writes the files. Pending checkpoint writes finish on exit.
+        there, with the run configuration the claim says the run keeps. One process (`writer`)
+        writes the files. A stop signal received before (while the data loaded or the state
+        restored) stops the run before anything is written. Checkpoint writes finish on exit.
         """
         dirs = self.axis.run_dirs(run_dir)
-        keep = cfg.trainer.keep_checkpoints
+        keep = claim.requested["trainer"]["keep_checkpoints"]
         checkpointers = [Checkpointer(d / CHECKPOINT_DIR, keep=keep) for d in dirs]
         try:
             start, state = self._restore(run_dir, checkpointers, state, mesh)
+            stopped = requested_stop()
+            if stopped is not None:
+                raise RunInterrupted(stopped, start, str(run_dir), before_start=True)
+            config = claim.record(start, writer)
             if writer:
                 self.axis.mark(run_dir)
             for seed, d, ckpt in zip(self.seeds, dirs, checkpointers, strict=True):
-                self.runs.append(open_seed_run(d, ckpt, cfg, seed, start, fields, writer))
+                self.runs.append(open_seed_run(d, ckpt, config, seed, start, fields, writer))
             yield start, state
         finally:
-            for checkpointer in checkpointers:
-                checkpointer.close()
+            close_all(checkpointers)
 
     def _restore(self, run_dir: Path, checkpointers: list, state: dict, mesh: Mesh) -> tuple:
         """(iteration, state) of the newest checkpoint every seed has; (0, state) if none."""
@@ -294,6 +296,7 @@ class SeedGroup:
         for run, seed_state_ in zip(self.runs, self.axis.unstack(state), strict=True):
             if run.running:
                 run.checkpointer.save(iteration, seed_state_)
+                run.write_status(iteration)  # how far it got, should the process be killed
         self.saved_at = iteration
 
     def interrupt(self, iteration: int, state: dict, signum: int, steps_per_epoch: int) -> None:
@@ -303,7 +306,10 @@ class SeedGroup:
         for run in self.runs:
             if run.running:
                 run.status = RunStatus.INTERRUPTED
-                run.message = f"stopped by {name} at iteration {iteration}; rerun to resume"
+                run.message = (
+                    f"stopped by {name} at iteration {iteration}; its command, rerun into the "
+                    "same run directory, resumes it"
+                )
                 partial = final_numbers(run.recorder.history, steps_per_epoch, iteration)
                 run.write_status(iteration, **partial)
 
@@ -311,22 +317,42 @@ class SeedGroup:
         """Record every seed still running as failed with the exception that stopped the program.
 
         A KeyboardInterrupt (a second Ctrl-C) leaves the seeds interrupted: their newest
-        checkpoint is intact and a rerun resumes from it. A diverged seed stays diverged.
+        checkpoint is intact and a rerun resumes from it. A diverged seed stays diverged. On
+        a full disk the status is written where it still fits.
         """
+        why = write_failure(err)
         if isinstance(err, KeyboardInterrupt):
             status, message = RunStatus.INTERRUPTED, "stopped at once by a second Ctrl-C"
+        elif why is not None:
+            status, message = RunStatus.FAILED, f"cannot write the run's files ({why})"
         else:
             status, message = RunStatus.FAILED, f"{type(err).__name__}: {err}"
         for run in self.runs:
             if run.running:
                 run.status, run.message = status, message
-                run.write_status(iteration)
+                if why is not None:
+                    run.checkpointer.discard_unfinished()
+                with contextlib.suppress(OSError):  # the disk that failed may take no status
+                    run.write_status(run.last_iteration(iteration))
+
+    def wait_for_saves(self) -> None:
+        """Block until pending checkpoint writes are on disk; a failed write fails the seeds."""
+        error = None
+        for run in self.runs:
+            try:
+                run.checkpointer.wait()
+            except Exception as err:  # every checkpointer finishes; the first error is raised
+                error = error or err
+        if error is not None:
+            reached = [m["iteration"] for r in self.runs for m in r.recorder.history]
+            self.fail(error, max(reached, default=0))
+            raise error
 
     def finish(self, iteration: int, steps_per_epoch: int, final: dict, timing: dict) -> dict:
         """Write every seed's final summary.json; one seed's summary, or the group's.
 
         `final` holds {split: (loss, error)} of the whole-split evaluations of a completed
-        run; `timing` the program's compile and throughput figures, plus `wall_s`.
+        run; `timing` the program's compile and throughput figures, `wall_s` and `timings`.
         """
         final_seeds = {
             s: (self.per_seed(loss), self.per_seed(err)) for s, (loss, err) in final.items()
@@ -347,6 +373,7 @@ class SeedGroup:
             # Per run: a program training k seeds delivers k times these images per second.
             summary["images_per_sec"] = timing["images_per_sec"]
             summary["input_wait_fraction"] = timing["input_wait_fraction"]
+            summary["timings"] = timing["timings"]  # where the time went (training.timings)
             # The persistent compilation cache's lookups, hits and misses of the whole job.
             summary["compile_cache"] = timing["compile_cache"]
             run.recorder.write_summary(summary)
@@ -355,10 +382,25 @@ class SeedGroup:
         return self.axis.result(summaries)
 
 
-def open_seed_run(run_dir: Path, checkpointer: Checkpointer, cfg: RunConfig, seed: int,
+def close_all(checkpointers: list[Checkpointer]) -> None:
+    """Close every checkpointer (finishing its writes); the first error is raised after."""
+    error = None
+    for checkpointer in checkpointers:
+        try:
+            checkpointer.close()
+        except Exception as err:  # every checkpointer closes
+            error = error or err
+    if error is not None:
+        raise error
+
+
+def open_seed_run(run_dir: Path, checkpointer: Checkpointer, config: dict, seed: int,
                   start: int, fields: dict, writer: bool) -> SeedRun:  # fmt: skip
-    """One seed's records from `start` on: run_config.json, metrics kept up to start, status."""
-    seed_cfg = cfg.replace(info=dataclasses.replace(cfg.info, seed=seed))
+    """One seed's records from `start` on: run_config.json, metrics kept up to start, status.
+
+    `config` is the run's configuration as its run_config.json keeps it (the first seed's).
+    """
+    seed_cfg = RunConfig.from_dict({**config, "info": {**config["info"], "seed": seed}})
     recorder = RunRecorder(run_dir, resume_from=start, write=writer)
     if writer:
         write_json(run_dir / RUN_CONFIG_FILE, seed_cfg.to_dict())

@@ -41,6 +41,7 @@ class Setup:
     """A run ready to train: its resolved config, data source, seeds, program and state."""
 
     cfg: RunConfig  # every "auto" resolved: what the run records
+    backend: str  # JAX's backend, asked once
     mesh: Mesh
     source: DataSource
     group: SeedGroup
@@ -75,9 +76,8 @@ def set_up(cfg: RunConfig, data: Dataset | Stream, mesh: Mesh) -> Setup:
     hparams = {k: put_replicated(v, mesh) for k, v in numbers.items()}
     options = compiler_options(cfg.trainer, backend)
     program = Program(step, evaluate, hparams, cfg.trainer.step_loop, options)
-    return Setup(
-        cfg, mesh, source, group, graphdef, program, state, param_count, origin, cache_events
-    )
+    parts = (mesh, source, group, graphdef, program, state, param_count, origin, cache_events)
+    return Setup(cfg, backend, *parts)
 
 
 def construct_start(run: Setup, run_dir: Path) -> None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_flax.data import augment as aug
 from resnet_flax.training.optim import OptimStructure, apply_lr, learning_rate, sgd
@@ -108,7 +109,11 @@ def memory_train_step(
     x = aug.normalize(x_all[idx], mean, std)
     x = aug.augment(jax.random.fold_in(augment_key, i), x, layout.crop_padding, layout.flip)
     new_state, metrics = sgd_update(recipe, state, hparams, x, y_all[idx])
-    return {**new_state, "order": order}, metrics
+    # The state leaves replicated, as it came: with the batch the whole set, the slice above
+    # is the identity and the batch's sharding would otherwise propagate back onto `order`.
+    replicated = NamedSharding(layout.batch_sharding.mesh, P())
+    new_state = jax.lax.with_sharding_constraint({**new_state, "order": order}, replicated)
+    return new_state, metrics
 
 
 def stream_train_step(recipe: Recipe, state: dict, data: tuple, hparams: dict) -> tuple[dict, dict]:

@@ -1,1 +1,0 @@
-"""Benchmarking: the step timer, the PyTorch baseline, the demo sweep against its PyTorch twin."""
