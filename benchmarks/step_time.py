@@ -6,10 +6,12 @@ Run: python -m benchmarks.step_time [--models ...] [--depths ...] [--torch] ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
 import time
+from collections.abc import Iterator
 
 from benchmarks.common import (
     UsageError,
@@ -179,11 +181,6 @@ def set_up_backends(args: argparse.Namespace, cases: list[tuple]) -> None:
         use_cpu_devices(count, single_threaded=args.cores == 1)
     except CpuDevicesError as err:
         raise UsageError(str(err)) from err
-    import jax
-
-    # Compile times are measured cold: never read them from a persistent cache
-    # ($JAX_COMPILATION_CACHE_DIR, which `make` sets for training runs).
-    jax.config.update("jax_enable_compilation_cache", False)
     if not args.torch:
         return
     from benchmarks.torch_baseline import check_torch_spec
@@ -194,6 +191,27 @@ def set_up_backends(args: argparse.Namespace, cases: list[tuple]) -> None:
             check_torch_spec(ModelSpec(model=model, depth=depth, family=args.family))
     except ValueError as err:
         raise UsageError(f"--torch: {err}") from err
+
+
+@contextlib.contextmanager
+def cold_compiles() -> Iterator[None]:
+    """The persistent compilation cache off while the benchmark times compiles, then as before.
+
+    Compile times are measured cold, never read from $JAX_COMPILATION_CACHE_DIR (which `make`
+    sets for training runs); JAX decides once per process whether it uses the cache, so that
+    decision is reset on the way in and out (a benchmark called in-process leaves it on).
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
 
 
 class ResultFiles:
@@ -322,9 +340,10 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     cases = make_cases(args)
     set_up_backends(args, cases)
     files = ResultFiles(args, argv)
-    if args.input:
-        measure_input(args, size, files)
-    time_cases(args, cases, size, files)
+    with cold_compiles():
+        if args.input:
+            measure_input(args, size, files)
+        time_cases(args, cases, size, files)
     estimate = ""
     if preset is not None and not args.compile_only:
         estimate = preset_estimate(args, *preset, files.rows)

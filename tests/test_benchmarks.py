@@ -494,3 +494,25 @@ def test_demo_vs_torch_writes_cold_warm_and_torch_results(tmp_path):
     assert (twin["model"], twin["depth"]) == ("residual", 8) and twin["train_s"] > 0
     table = (tmp_path / "tiny.md").read_text()
     assert "| ours, warm compilation cache |" in table and "Jobs, PyTorch eager twin" in table
+
+
+def test_a_benchmark_run_in_process_leaves_the_compilation_cache_on(tmp_path):
+    # Fails when the benchmark's cold compiles switch the persistent cache off for the rest of
+    # the process: every later run in it (a test, a notebook) then compiles again and
+    # records no cache events in its summary.
+    from benchmarks.step_time import cold_compiles
+
+    with cold_compiles():
+        assert not jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_enable_compilation_cache
+    lookups = []
+
+    def count(event: str, **_) -> None:
+        lookups.append(event == "/jax/compilation_cache/compile_requests_use_cache")
+
+    jax.monitoring.register_event_listener(count)
+    try:
+        jax.block_until_ready(jax.jit(lambda x: x * 3.5 - 1.25)(np.arange(7.0)))
+    finally:
+        jax.monitoring.unregister_event_listener(count)
+    assert any(lookups)
