@@ -17,4 +17,13 @@ def architecture_fields(cfg: DictConfig) -> dict:
         "bottleneck_stride": str(cfg.bottleneck_stride),
         "strided_padding": cfg.strided_padding,
         "preact_first_shortcut": cfg.preact_first_shortcut,
+        # Cures for degradation other than shortcuts (docs/design.md).
+        "norm": cfg.norm,
+        "activation": cfg.activation,
+        "leaky_relu_slope": float(cfg.leaky_relu_slope),
+        "tat_target": float(cfg.tat_target),
+        "init": cfg.init,
+        "sigma_w2": float(cfg.sigma_w2),
+        "sigma_b2": float(cfg.sigma_b2),
+        "branch": cfg.branch,
     }
