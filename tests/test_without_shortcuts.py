@@ -85,6 +85,22 @@ def test_delta_orthogonal_kernels_are_an_orthogonal_centre_tap_scaled_by_sigma_w
     assert np.std(biases) == pytest.approx(0.2, rel=0.15)
 
 
+def test_deep_orthogonal_nets_finish_drawing_their_parameters():
+    # jaxlib's CPU QR waits on XLA's thread pool: two at once (stacked blocks, depth >= 44)
+    # hung forever on 2 cores. A subprocess with a timeout fails instead of hanging.
+    code = (
+        "import jax; from flax import nnx; from resnet_flax.models.resnet import build_model;"
+        "from resnet_flax.models.spec import ModelSpec;"
+        "m = build_model(ModelSpec(model='plain', norm='none', init='delta_orthogonal',"
+        "activation='tanh', depth=56, in_channels=1));"
+        "jax.block_until_ready(nnx.state(m)); print('drawn')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+    assert done.stdout.strip() == "drawn", done.stderr[-2000:]
+
+
 def mean_square_per_location(x: jax.Array) -> np.ndarray:
     """The mean over channels of x^2 at each image and position."""
     return np.asarray(jnp.mean(jnp.square(x), axis=-1))

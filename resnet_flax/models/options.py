@@ -14,6 +14,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resnet_flax.models.spec import Architecture
@@ -31,13 +32,44 @@ zeros = nnx.initializers.zeros
 STEM, BRANCH, LAST, PROJECTION, HEAD = "stem", "branch", "last", "projection", "head"
 
 
+def _haar_q(a: np.ndarray) -> np.ndarray:
+    """Q of a (stack of) Gaussian matrices, signs fixed by R's diagonal: Haar-distributed."""
+    q, r = np.linalg.qr(a)
+    return (q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]).astype(a.dtype)
+
+
+def orthogonal(key: jax.Array, rows: int, cols: int, dtype=jnp.float32) -> jax.Array:
+    """A Haar-random rows x cols matrix with orthonormal rows or columns (the shorter side).
+
+    The QR runs in numpy on the host: jaxlib's CPU QR kernels split a batch over XLA's
+    thread pool and wait for it, and two of them running at once (the stacked blocks of a
+    net of depth 44 or more, drawn in one program) hung forever on 2 cores.
+    """
+    tall = (max(rows, cols), min(rows, cols))
+    gauss = jax.random.normal(key, tall, jnp.float32)
+    result = jax.ShapeDtypeStruct(tall, jnp.float32)
+    q = jax.pure_callback(_haar_q, result, gauss, vmap_method="expand_dims")
+    return (q if rows >= cols else q.T).astype(dtype)
+
+
+def delta_orthogonal(scale: float) -> Initializer:
+    """Xiao et al. 2018's kernel: scale times an orthogonal c_in x c_out centre tap (needs
+    c_in <= c_out, checked by the spec), zeros elsewhere."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        centre = tuple(s // 2 for s in shape[:-2])
+        matrix = scale * orthogonal(key, *shape[-2:], dtype)
+        return jnp.zeros(shape, dtype).at[centre].set(matrix)
+
+    return init
+
+
 def suo_delta(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """DKS/TAT's scaled uniform orthogonal init: a Haar-orthogonal c_in x c_out matrix times
     max(sqrt(c_out / c_in), 1), at a conv kernel's centre tap (zeros elsewhere); a dense
     kernel is the matrix itself (dks/jax/parameter_sampling_functions.py)."""
     cin, cout = shape[-2:]
-    scale = max(math.sqrt(cout / cin), 1.0)
-    matrix = jax.nn.initializers.orthogonal(scale=scale)(key, (cin, cout), dtype)
+    matrix = max(math.sqrt(cout / cin), 1.0) * orthogonal(key, cin, cout, dtype)
     if len(shape) == 2:
         return matrix
     centre = tuple(s // 2 for s in shape[:-2])
@@ -76,7 +108,7 @@ class DeltaOrthogonalInit:
         """The initialisers of a layer in this role (the classifier keeps the suite's)."""
         if role == HEAD:
             return LayerInit(dense_init, zeros)
-        kernel = jax.nn.initializers.delta_orthogonal(scale=math.sqrt(self.sigma_w2))
+        kernel = delta_orthogonal(math.sqrt(self.sigma_w2))
         return LayerInit(kernel, nnx.initializers.normal(math.sqrt(self.sigma_b2)))
 
 
