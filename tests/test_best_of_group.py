@@ -114,6 +114,8 @@ def test_groups_missing_a_value_say_which_and_why(sweep):
     assert "| plain | 56 | 15.10 | 20.10 | 2 diverged |" in text
     assert "| plain | 20 | 10.10 | 4.10 | 30.00 (1 failed) |" in text
     assert "15.10†" in text  # plain-56's best sits at the smallest lr tried
+    assert "| group | depth 20 | depth 56 |" in text
+    assert "| plain | 4.10 (lr 0.1) | 15.10† (lr 0.01) |" in text
 
 
 def test_the_verdict_is_computed_on_the_bests_and_says_so(sweep):

@@ -393,3 +393,58 @@ def test_every_option_is_a_config_key():
         sigma_b2=0.001, leaky_relu_slope=0.2, tat_target=0.7,
     )  # fmt: skip
     assert spec_of("norm=none", "branch=skipinit").branch == "skipinit"
+
+
+ARMS = {
+    "plain_bn": ModelSpec(model="plain"),
+    "plain_nobn": ModelSpec(model="plain", norm="none"),
+    "plain_delta_tanh": ModelSpec(**PLAIN_TANH),
+    "plain_tat": ModelSpec(**PLAIN_TAT, tat_target=0.8),
+    "residual_bn": ModelSpec(model="residual"),
+    "residual_fixup": ModelSpec(**FIXUP),
+    "residual_skipinit": ModelSpec(**SKIPINIT),
+}
+
+
+def test_the_trainability_preset_sweeps_seven_arms_three_depths_three_lrs():
+    from experiments.config import compose_config
+
+    params = compose_config(["experiment=trainability"]).hydra.sweeper.params
+    assert params["arm"].split(",") == list(ARMS)
+    assert params["depth"] == "56,20,8"
+    assert params["optim.lr"] == "0.01,0.03,0.1"
+    for arm, expected in ARMS.items():
+        for depth in (8, 56):  # TAT's 0.8 is reachable at depth 8 (0.809 at most)
+            spec = spec_of("experiment=trainability", f"arm={arm}", f"depth={depth}")
+            assert spec == expected.replace(depth=depth, in_channels=3), arm
+
+
+@pytest.mark.slow
+def test_trainability_entry_point_sweeps_reports_and_publishes(tmp_path):
+    tiny = ["trainer.iterations=4", "trainer.log_every=2", "trainer.eval_every=4"]
+    tiny += ["trainer.checkpoint_every=4", "trainer.progress=false"]
+    args = ["--sweep-dir", str(tmp_path / "sweep"), "--publish", str(tmp_path / "pub")]
+    args += ["arm=plain_bn,residual_fixup", "depth=8", "optim.lr=0.05,0.1", *tiny]
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.trainability", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    published = sorted(p.name for p in (tmp_path / "pub").iterdir())
+    assert published == [
+        "PROVENANCE.md",
+        "best_error_vs_depth.pdf",
+        "best_error_vs_depth.png",
+        "error_vs_lr.pdf",
+        "error_vs_lr.png",
+        "report.md",
+    ]
+    report = (tmp_path / "pub" / "report.md").read_text()
+    assert "| group | depth 8 |" in report and "| residual_fixup |" in report
+    assert (
+        "python -m experiments.trainability --sweep-dir"
+        in (tmp_path / "pub" / "PROVENANCE.md").read_text()
+    )

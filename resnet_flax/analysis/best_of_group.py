@@ -224,6 +224,10 @@ def best_markdown(result: BestOfGroups) -> str:
             "mode on the whole training set at the end of training. † the best value is at the "
             "edge of the swept range.",
             "",
+            depth_table_markdown(result),
+            "",
+            "## Each group's best",
+            "",
             _markdown(renamed, columns),
             "",
             "## Final training error (%) at every swept value",
@@ -265,3 +269,19 @@ def _grid_markdown(result: BestOfGroups) -> str:
         rows.append(row)
     grid = pd.DataFrame(rows, columns=["group", "depth", *names]).fillna("–")
     return _markdown(grid, [(c, lambda r, i=i: str(r[i])) for i, c in enumerate(grid.columns)])
+
+
+def depth_table_markdown(result: BestOfGroups) -> str:
+    """Series by depth: the best final training error (%) and the swept values reaching it."""
+    best = result.best.rename(columns={k: _col(k) for k in result.swept})
+    depths = sorted(int(d) for d in best["depth"].dropna().unique())
+    rows = []
+    for series, frame in best.groupby("series", sort=False):
+        row = {"group": series}
+        for r in frame.itertuples(index=False):
+            where = ", ".join(f"{_short(k)} {_fmt(getattr(r, _col(k)))}" for k in result.swept)
+            error = _pct(r.final_train_error_mean) + ("†" if r.edge else "")
+            row[f"depth {int(r.depth)}"] = f"{error} ({where})" if r.n else "–"
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["group", *(f"depth {d}" for d in depths)]).fillna("–")
+    return _markdown(table, [(c, lambda r, i=i: str(r[i])) for i, c in enumerate(table.columns)])
