@@ -377,9 +377,9 @@ def test_the_entry_point_rejects_an_unreachable_target_before_compiling(tmp_path
 
 def spec_of(*overrides: str) -> ModelSpec:
     """The ModelSpec that experiments.train makes of these overrides (composed, validated)."""
-    from experiments.config import compose_config, to_library
+    from experiments.cli.train_config import compose_train, run_config
 
-    return to_library(compose_config(list(overrides)))[0]
+    return run_config(compose_train(list(overrides))).model
 
 
 def test_every_option_is_a_config_key():
@@ -407,9 +407,9 @@ ARMS = {
 
 
 def test_the_trainability_preset_sweeps_seven_arms_three_depths_three_lrs():
-    from experiments.config import compose_config
+    from experiments.cli.train_config import compose_train
 
-    params = compose_config(["experiment=trainability"]).hydra.sweeper.params
+    params = compose_train(["experiment=trainability"]).hydra.sweeper.params
     assert params["arm"].split(",") == list(ARMS)
     assert params["depth"] == "56,20,8"
     assert params["optim.lr"] == "0.01,0.03,0.1"
