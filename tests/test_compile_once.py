@@ -92,7 +92,8 @@ def test_second_run_of_a_learning_rate_sweep_finds_every_program_cached(
     # evaluation are looked up by every run; the parameter-drawing programs only by the
     # first run of a process that needs them.
     first = train(tmp_path / "first", FIRST, digits)["compile_cache"]
-    assert first["misses"] >= 2 and first["lookups"] == first["hits"] + first["misses"]
+    # An earlier test of this process may have compiled the same programs in memory already.
+    assert first["lookups"] == first["hits"] + first["misses"]
     second = train(tmp_path / "second", OTHER_NUMBERS, digits)["compile_cache"]
     assert second["lookups"] >= 2, second
     assert second == {**second, "hits": second["lookups"], "misses": 0, "below_threshold": 0}

@@ -37,13 +37,13 @@ STRESS = textwrap.dedent(
     w0 = jax.device_put(jnp.eye(64) * 0.5, NamedSharding(mesh, P()))
 
     @jax.jit
-    def step(w, x):
+    def step(w, x, hparams):
         y = jnp.tanh(x @ w) @ w.T
         mean = jnp.mean(y, axis=(0, 1))  # the all-reduce over the sharded batch
         return w + 1e-6 * mean[:, None], {"loss": jnp.mean(y)}
 
     for attempt in range(int(sys.argv[2])):
-        w, metrics = train.run_steps(step, w0, [x] * 300)
+        w, metrics = train.run_steps(step, w0, [x] * 300, {})
         assert metrics["loss"].shape == (300,)
     print("completed", sys.argv[2])
     """

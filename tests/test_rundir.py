@@ -436,17 +436,17 @@ def test_write_json_leaves_no_temporary_file_behind(tmp_path, monkeypatch):
 # --- sweeps go on -------------------------------------------------------------------------
 
 
+def train_sweep(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m experiments.train`` with args from the repository root, finished."""
+    command = [sys.executable, "-m", "experiments.train", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_an_invalid_job_is_named_before_any_starts(tmp_path):
     # Fails when a sweep launches its valid jobs before saying that another cannot run.
     sweep = tmp_path / "sweep"
     args = ["-m", *BASE, "depth=9,8,57", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_sweep(args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = error_lines(proc.stderr)
     assert len(lines) == 2 and "depth=9" in lines[0] and "depth=57" in lines[1]
@@ -465,13 +465,7 @@ def test_a_job_that_fails_alone_is_recorded_and_the_sweep_says_so(tmp_path):
     args = ["-m", "dataset=npz", f"dataset.path={tmp_path / 'missing.npz'},{good}", *BASE[1:]]
     args += ["trainer.iterations=4", "trainer.log_every=2", "trainer.eval_every=4"]
     args += ["trainer.checkpoint_every=4", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_sweep(args)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = error_lines(proc.stderr)[-1]
     assert last.startswith("error: 1 job(s) of the sweep failed: ") and "missing.npz" in last

@@ -96,7 +96,10 @@ def test_batch_not_divisible_by_devices_fails_with_one_line(tmp_path):
     [
         (["no_such_key=1"], "error: unknown key 'no_such_key'"),
         (["trainer.eval_evry=5"], "error: unknown key 'trainer.eval_evry'"),
-        (["+trainer.iteration=50"], "error: unknown trainer key(s) iteration; valid: batch_size"),
+        (
+            ["+trainer.iteration=50"],
+            "error: unknown trainer key(s) iteration; valid: allow_recipe_change, batch_size",
+        ),
         (["+lr=0.5"], "error: unknown key(s) lr; valid: block"),  # + adds keys Hydra lacks
         (
             ["dataset=imagenet21k"],

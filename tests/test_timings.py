@@ -103,7 +103,7 @@ def test_a_run_records_its_phases_in_its_summary(tmp_path):
     train_compile = record["compile_s"]["train"]
     assert train_compile == pytest.approx(summary["compile_time_s"], rel=0.1, abs=0.2)
     assert record["compile_s"]["eval"] > 0 and record["compile_s"]["set_up"] > 0
-    assert record["cache_hits"] + record["cache_misses"] > 0  # the session's persistent cache
+    assert record["cache_hits"] + record["cache_misses"] > 0  # the persistent compilation cache
     parts = sum(record[f"{p}_s"] for p in PHASES) + sum(record["compile_s"].values())
     # total_s spans the whole call; wall_time_s starts after the set-up
     assert parts <= record["total_s"] and summary["wall_time_s"] < record["total_s"]
