@@ -136,7 +136,9 @@ def test_a_depth_where_every_value_diverged_fails_rather_than_shortening_the_tre
         for lr, error in zip((0.01, 0.1), errors, strict=True):
             overrides = {"depth": depth, "optim.lr": lr}
             write_run(root, overrides, summary("plain", depth, 0, error))
-    lines = verdict_lines(best_of_groups(load_runs([root])))
+    result = best_of_groups(load_runs([root]))
+    assert len(error_vs_lr(result, tmp_path / "f")) == 2  # the diverged depth is drawn too
+    lines = verdict_lines(result)
     assert lines[1] == (
         "- all FAILS to train at any swept value (depth 56: lr=0.01: 1 diverged; lr=0.1: 1 "
         "diverged); all training error 1.00% (depth 8) -> 3.00% (depth 20), +2.00 pp vs "
