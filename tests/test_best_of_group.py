@@ -130,6 +130,22 @@ def test_the_verdict_is_computed_on_the_bests_and_says_so(sweep):
     assert "residual AVOIDS degradation" in lines[3]
 
 
+def test_a_depth_where_every_value_diverged_fails_rather_than_shortening_the_trend(tmp_path):
+    root = tmp_path / "sweep"
+    for depth, errors in ((8, (0.02, 0.01)), (20, (0.03, 0.5)), (56, (None, None))):
+        for lr, error in zip((0.01, 0.1), errors, strict=True):
+            overrides = {"depth": depth, "optim.lr": lr}
+            write_run(root, overrides, summary("plain", depth, 0, error))
+    result = best_of_groups(load_runs([root]))
+    assert len(error_vs_lr(result, tmp_path / "f")) == 2  # the diverged depth is drawn too
+    lines = verdict_lines(result)
+    assert lines[1] == (
+        "- all FAILS to train at any swept value (depth 56: lr=0.01: 1 diverged; lr=0.1: 1 "
+        "diverged); all training error 1.00% (depth 8) -> 3.00% (depth 20), +2.00 pp vs "
+        "margin 2.00 pp"
+    )
+
+
 def test_two_swept_keys_choose_the_best_over_both(tmp_path):
     root = tmp_path / "sweep"
     errors = {(0.1, 0.0): 0.3, (0.1, 1e-4): 0.2, (1.0, 0.0): 0.1}  # (1, 1e-4) never ran

@@ -375,11 +375,16 @@ def test_the_entry_point_rejects_an_unreachable_target_before_compiling(tmp_path
     ]
 
 
-def spec_of(*overrides: str) -> ModelSpec:
-    """The ModelSpec that experiments.train makes of these overrides (composed, validated)."""
+def run_of(*overrides: str):
+    """The RunConfig that experiments.train makes of these overrides (composed, validated)."""
     from experiments.cli.train_config import compose_train, run_config
 
-    return run_config(compose_train(list(overrides))).model
+    return run_config(compose_train(list(overrides)))
+
+
+def spec_of(*overrides: str) -> ModelSpec:
+    """The ModelSpec that experiments.train makes of these overrides."""
+    return run_of(*overrides).model
 
 
 def test_every_option_is_a_config_key():
@@ -406,13 +411,15 @@ ARMS = {
 }
 
 
-def test_the_trainability_preset_sweeps_seven_arms_three_depths_three_lrs():
+def test_the_trainability_preset_sweeps_seven_arms_three_depths_four_lrs():
     from experiments.cli.train_config import compose_train
 
     params = compose_train(["experiment=trainability"]).hydra.sweeper.params
     assert params["arm"].split(",") == list(ARMS)
     assert params["depth"] == "56,20,8"
-    assert params["optim.lr"] == "0.01,0.03,0.1"
+    assert params["optim.lr"] == "0.003,0.01,0.03,0.1"
+    dataset = run_of("experiment=trainability").dataset
+    assert dataset.normalization == "channel_std"
     for arm, expected in ARMS.items():
         for depth in (8, 56):  # TAT's 0.8 is reachable at depth 8 (0.809 at most)
             spec = spec_of("experiment=trainability", f"arm={arm}", f"depth={depth}")

@@ -190,12 +190,19 @@ def verdict_lines(result: BestOfGroups, margin: float = MARGIN) -> list[str]:
     lines = [f"Computed on each group's best final training error over {_swept_text(result)}."]
     table = best.rename(columns={"model": "net_model", "series": "model"})
     for series in table["model"].drop_duplicates():
+        rows = table[table["model"] == series]
+        # A depth where no swept value completed failed to train at all: the worst outcome.
+        failed = rows[rows["final_train_error_mean"].isna()].sort_values("depth")
         trend = depth_trend(table, series, margin)
-        if isinstance(trend, str):
+        shown = trend if isinstance(trend, str) else trend.describe()
+        if not failed.empty:
+            where = "; ".join(f"depth {int(r.depth)}: {r.missing}" for r in failed.itertuples())
+            lines.append(f"- {series} FAILS to train at any swept value ({where}); {shown}")
+        elif isinstance(trend, str):
             lines.append(f"- {series}: not enough data ({trend})")
         else:
             word = "DEGRADES" if trend.rise > trend.threshold else "does not degrade"
-            lines.append(f"- {series} {word}: {trend.describe()}")
+            lines.append(f"- {series} {word}: {shown}")
     per_net = best.groupby(["model", "depth"]).size()
     if len(per_net) and (per_net == 1).all() and {"plain", "residual"} <= set(best["model"]):
         verdict = degradation_verdict(best)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.lines import Line2D
 
 from resnet_flax.analysis.best_of_group import BestOfGroups
 from resnet_flax.analysis.plots import (
@@ -24,8 +25,8 @@ def error_vs_lr(result: BestOfGroups, out_dir: str | Path) -> list[Path]:
     """Final training error against the first swept key (log axis), a panel per series and a
     curve per depth; at each value the best over any other swept keys; stars mark the best."""
     key = result.swept[0]
-    cells = result.cells[result.cells["final_train_error_mean"].notna()]
-    if cells.empty:
+    cells = result.cells
+    if cells["final_train_error_mean"].isna().all():
         return []
     series = list(dict.fromkeys(result.best["series"]))
     colors = depth_colors(result.cells["depth"].dropna())
@@ -36,26 +37,30 @@ def error_vs_lr(result: BestOfGroups, out_dir: str | Path) -> list[Path]:
             rows, cols, figsize=(FULL_WIDTH, 1.9 * rows + 0.4), squeeze=False, sharey=True
         )
         for ax, name in zip(axes.flat, series, strict=False):
-            _lr_panel(ax, cells[cells["series"] == name], result, key, colors)
+            _lr_panel(ax, cells[cells["series"] == name], result.best, key, colors)
             ax.set_title(name)
         for ax in list(axes.flat)[len(series) :]:
             ax.set_visible(False)
-        axes.flat[0].legend(loc="best", title="depth")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        handles.append(Line2D([], [], color="grey", marker="x", linestyle="", label="diverged"))
+        axes.flat[0].legend(handles=handles, loc="best", title="depth")
         _zero_bottom(axes.flat)
         fig.tight_layout()
         return save_figure(fig, out_dir, "error_vs_lr")
 
 
-def _lr_panel(ax, cells: pd.DataFrame, result: BestOfGroups, key: str, colors: dict) -> None:
-    """One series: a line per depth over the swept values, its best marked with a star."""
+def _lr_panel(ax, cells: pd.DataFrame, best: pd.DataFrame, key: str, colors: dict) -> None:
+    """One series: a line per depth over the swept values, its best marked with a star, values
+    where every run diverged marked with a cross at 100%."""
     for depth, frame in cells.groupby("depth", sort=True):
-        line = frame.groupby(key)["final_train_error_mean"].min().sort_index()
         color = colors[int(depth)]
+        diverged = frame[(frame["n"] == 0) & frame["not_counted"].str.contains("diverged")]
+        ax.plot(diverged[key], [1.0] * len(diverged), "x", color=color, markersize=5)
+        frame = frame[frame["final_train_error_mean"].notna()]
+        line = frame.groupby(key)["final_train_error_mean"].min().sort_index()
         ax.plot(line.index, line.values, marker="o", markersize=3, color=color, label=int(depth))
-        best = result.best[
-            (result.best["series"] == frame["series"].iloc[0]) & (result.best["depth"] == depth)
-        ]
-        ax.plot(best[key], best["final_train_error_mean"], "*", color=color, markersize=8)
+        star = best[(best["group"].isin(frame["group"])) & (best["depth"] == depth)]
+        ax.plot(star[key], star["final_train_error_mean"], "*", color=color, markersize=8)
     ax.set_xscale("log")
     ax.set_xlabel(key)
     _percent_axis(ax, "final training error")

@@ -10,22 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnet_flax.models.initializers import DrawnByShape, dense_init, he_normal
 from resnet_flax.models.spec import Architecture
 from resnet_flax.models.tat import transformed_leaky_relu
 
 Initializer = Callable[..., jax.Array]
-
-# He et al. 2015 initialise with N(0, 2/n), n = k*k*c_in (the fan-in).
-he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-# The classifier as in the paper's Torch code (PyTorch's Linear default: U(+-1/sqrt(fan_in))).
-dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros = nnx.initializers.zeros
 
 # Layer roles an init scheme distinguishes.
@@ -52,6 +48,8 @@ def orthogonal(key: jax.Array, rows: int, cols: int, dtype=jnp.float32) -> jax.A
     return (q if rows >= cols else q.T).astype(dtype)
 
 
+# Each scale's initializer is made once, so its per-shape programs serve every network.
+@cache
 def delta_orthogonal(scale: float) -> Initializer:
     """Xiao et al. 2018's kernel: scale times an orthogonal c_in x c_out centre tap (needs
     c_in <= c_out, checked by the spec), zeros elsewhere."""
@@ -61,10 +59,22 @@ def delta_orthogonal(scale: float) -> Initializer:
         matrix = scale * orthogonal(key, *shape[-2:], dtype)
         return jnp.zeros(shape, dtype).at[centre].set(matrix)
 
-    return init
+    return DrawnByShape(init)
 
 
-def suo_delta(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+@cache
+def normal(stddev: float) -> Initializer:
+    """N(0, stddev^2), one program per shape."""
+    return DrawnByShape(nnx.initializers.normal(stddev))
+
+
+@cache
+def he_normal_fan_out(variance: float) -> Initializer:
+    """N(0, variance / fan_out), one program per shape."""
+    return DrawnByShape(nnx.initializers.variance_scaling(variance, "fan_out", "normal"))
+
+
+def _suo_delta(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """DKS/TAT's scaled uniform orthogonal init: a Haar-orthogonal c_in x c_out matrix times
     max(sqrt(c_out / c_in), 1), at a conv kernel's centre tap (zeros elsewhere); a dense
     kernel is the matrix itself (dks/jax/parameter_sampling_functions.py)."""
@@ -74,6 +84,9 @@ def suo_delta(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.
         return matrix
     centre = tuple(s // 2 for s in shape[:-2])
     return jnp.zeros(shape, dtype).at[centre].set(matrix)
+
+
+suo_delta = DrawnByShape(_suo_delta)
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,7 @@ class DeltaOrthogonalInit:
         if role == HEAD:
             return LayerInit(dense_init, zeros)
         kernel = delta_orthogonal(math.sqrt(self.sigma_w2))
-        return LayerInit(kernel, nnx.initializers.normal(math.sqrt(self.sigma_b2)))
+        return LayerInit(kernel, normal(math.sqrt(self.sigma_b2)))
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,7 @@ class FixupInit:
             return LayerInit(zeros)
         if role == BRANCH:
             variance = 2.0 * self.branch_scale**2
-            return LayerInit(nnx.initializers.variance_scaling(variance, "fan_out", "normal"))
+            return LayerInit(he_normal_fan_out(variance))
         return LayerInit(he_normal)
 
 
