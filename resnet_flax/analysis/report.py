@@ -155,7 +155,7 @@ class _Trend:
         )
 
 
-def _trend(table: pd.DataFrame, model: str, margin: float) -> _Trend | str:
+def depth_trend(table: pd.DataFrame, model: str, margin: float) -> _Trend | str:
     """The model's training-error trend over depth, or a 'not enough data' reason."""
     rows = table[(table["model"] == model) & table["final_train_error_mean"].notna()]
     rows = rows.sort_values("depth")
@@ -194,7 +194,7 @@ def degradation_verdict(table: pd.DataFrame, margin: float = MARGIN) -> Verdict:
     stays within that bound and its training error is below plain's at the deepest depth both
     have (or, without a common depth, at each one's deepest).
     """
-    plain, residual = _trend(table, "plain", margin), _trend(table, "residual", margin)
+    plain, residual = depth_trend(table, "plain", margin), depth_trend(table, "residual", margin)
     if isinstance(plain, str) or isinstance(residual, str):
         reasons = [t for t in (plain, residual) if isinstance(t, str)]
         known = [t.describe() for t in (plain, residual) if isinstance(t, _Trend)]

@@ -163,6 +163,11 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
     return None if isinstance(node, dict | list) else node
 
 
+def config_value(run_dir: str | Path, dotted: str) -> Any:
+    """A scalar of a run's .hydra/config.yaml at a dotted key (None if absent or a node)."""
+    return _lookup(_read_config(Path(run_dir)), dotted)
+
+
 def parse_override_dirname(name: str) -> dict[str, str]:
     """Parse a Hydra override dirname such as ``model=plain,depth=56,seed=0``."""
     fields = {}

@@ -31,6 +31,12 @@ def check_construction(source: ModelSpec, target: ModelSpec) -> None:
                 "the construction maps CIFAR-family nets of basic blocks (depth 6n+2); the "
                 f"{name} is family={spec.family} with {arch.block} blocks (depth {spec.depth})"
             )
+        if spec.norm != "batch" or spec.activation != "relu":
+            raise SpecError(
+                "the construction's identity blocks need BatchNorm and ReLU (norm=batch, "
+                f"activation=relu); the {name} has norm={spec.norm}, "
+                f"activation={spec.activation}"
+            )
         if spec.model not in CONSTRUCTIBLE:
             raise SpecError(
                 f"the construction maps {' and '.join(CONSTRUCTIBLE)} nets; the {name} is "

@@ -12,7 +12,16 @@ from flax import nnx
 from resnet_flax.backend import current_backend
 from resnet_flax.models.batchnorm import GroupBatchNorm
 from resnet_flax.models.conv import select_conv
-from resnet_flax.models.initializers import dense_init, he_normal, stacked_modules
+from resnet_flax.models.initializers import stacked_modules
+from resnet_flax.models.options import (
+    BRANCH,
+    HEAD,
+    LAST,
+    PROJECTION,
+    STEM,
+    NetOptions,
+    net_options,
+)
 from resnet_flax.models.spec import Architecture, ModelSpec, StagePlan, for_backend, resolve
 
 
@@ -50,8 +59,17 @@ def _padding(spec: ModelSpec, kernel: int, stride: int) -> str | tuple:
     return ((pad, pad), (pad, pad))
 
 
+def _options(spec: ModelSpec, options: NetOptions | None) -> NetOptions:
+    """The given options, or the spec's own (resolved here) when built without a ResNet."""
+    return options if options is not None else net_options(resolve(spec))
+
+
 class ConvBN(nnx.Module):
-    """Convolution without bias followed by BatchNorm (the BN may be zero-initialised)."""
+    """Convolution followed by BatchNorm (which may be zero-initialised), or by nothing.
+
+    Its kernel and bias come from the options' init scheme for the layer's role; with BN
+    (norm=batch) the He et al. 2015 conv has no bias.
+    """
 
     def __init__(
         self,
@@ -64,23 +82,29 @@ class ConvBN(nnx.Module):
         zero_scale: bool = False,
         bn: bool = True,
         padding: str | tuple | None = None,
+        role: str = BRANCH,
+        options: NetOptions | None = None,
         rngs: nnx.Rngs,
     ):
+        options = _options(spec, options)
         dtype = jnp.dtype(spec.precision)
         if padding is None:
             padding = _padding(spec, kernel, stride)
+        init = options.init.layer(role)
         self.conv = nnx.Conv(
             cin,
             cout,
             (kernel, kernel),
             strides=stride,
             padding=padding,
-            use_bias=False,
-            kernel_init=he_normal,
+            use_bias=init.bias is not None,
+            kernel_init=init.kernel,
+            bias_init=init.bias or nnx.initializers.zeros,
             dtype=dtype,
             conv_general_dilated=_conv_fn(spec),
             rngs=rngs,
         )
+        bn = bn and options.batch_norm
         self.bn = _batch_norm(spec, cout, zero_scale=zero_scale, rngs=rngs) if bn else None
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -89,13 +113,22 @@ class ConvBN(nnx.Module):
 
 
 class PreActBN(nnx.Module):
-    """BatchNorm then ReLU: the pre-activation that precedes a conv in He et al. 2016."""
+    """BatchNorm then the activation: what precedes a conv in He et al. 2016 (no BN: none)."""
 
-    def __init__(self, spec: ModelSpec, channels: int, *, rngs: nnx.Rngs):
-        self.bn = _batch_norm(spec, channels, rngs=rngs)
+    def __init__(
+        self,
+        spec: ModelSpec,
+        channels: int,
+        *,
+        options: NetOptions | None = None,
+        rngs: nnx.Rngs,
+    ):
+        options = _options(spec, options)
+        self.act = options.activation
+        self.bn = _batch_norm(spec, channels, rngs=rngs) if options.batch_norm else None
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        return nnx.relu(self.bn(x, use_running_average=not train))
+        return self.act(x if self.bn is None else self.bn(x, use_running_average=not train))
 
 
 def option_a_shortcut(x: jax.Array, cout: int, stride: int) -> jax.Array:
@@ -126,7 +159,10 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
         *,
         stage_first: bool = False,
+        options: NetOptions | None = None,
     ):
+        options = _options(spec, options)
+        self.act = options.activation
         self.preact = spec.model == "preact"
         self.residual = spec.model != "plain"
         self.cout, self.stride = cout, stride
@@ -138,6 +174,8 @@ class Block(nnx.Module):
             shapes = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)]
         last = len(shapes) - 1
         zero_last = spec.zero_init_residual and self.residual and not self.preact
+        # Fixup zero-initialises the last conv of a residual branch, not of a plain block.
+        last_role = LAST if self.residual else BRANCH
         self.convs = nnx.List(
             [
                 ConvBN(
@@ -148,23 +186,38 @@ class Block(nnx.Module):
                     s,
                     zero_scale=zero_last and i == last,
                     bn=not self.preact,
+                    role=last_role if i == last else BRANCH,
+                    options=options,
                     rngs=rngs,
                 )
                 for i, (a, b, k, s) in enumerate(shapes)
             ]
         )
         self.preacts = (
-            nnx.List([PreActBN(spec, a, rngs=rngs) for (a, _, _, _) in shapes])
+            nnx.List([PreActBN(spec, a, options=options, rngs=rngs) for (a, _, _, _) in shapes])
             if self.preact
             else None
         )
-        changes_shape = stride != 1 or cin != cout
+        self.branch = options.branch(len(shapes)) if self.residual else None
+        self.changes_shape = stride != 1 or cin != cout
         project = self.residual and (
-            spec.shortcut == "C" or (spec.shortcut == "B" and changes_shape)
+            spec.shortcut == "C" or (spec.shortcut == "B" and self.changes_shape)
         )
         # A pre-activation projection takes the normalised input, as in He et al. 2016.
         self.projection = (
-            ConvBN(spec, cin, cout, 1, stride, bn=not self.preact, rngs=rngs) if project else None
+            ConvBN(
+                spec,
+                cin,
+                cout,
+                1,
+                stride,
+                bn=not self.preact,
+                role=PROJECTION,
+                options=options,
+                rngs=rngs,
+            )
+            if project
+            else None
         )
         # fb.resnet.torch's stage-first units apply BN-ReLU before splitting into two paths.
         self.shared_preact = (
@@ -182,31 +235,58 @@ class Block(nnx.Module):
                 if i == 0:
                     first_preact = h
             elif i > 0:
-                h = nnx.relu(h)
-            h = conv(h, train)
+                h = self.act(h)
+            if self.branch is not None:
+                h = self.branch.after(i, conv(self.branch.before(i, h), train))
+            else:
+                h = conv(h, train)
             responses.append(h)
         if self.residual:
             if self.projection is not None:
-                h = h + self.projection(first_preact if self.preact else x, train)
+                short = first_preact if self.preact else x
             else:
                 short = first_preact if self.shared_preact else x
+            if self.changes_shape or self.projection is not None:
+                short = self.branch.shortcut_input(short)
+            if self.projection is not None:
+                h = h + self.projection(short, train)
+            else:
                 h = h + option_a_shortcut(short, self.cout, self.stride).astype(h.dtype)
-        return (h if self.preact else nnx.relu(h)), responses
+        return (h if self.preact else self.act(h)), responses
 
 
 class Stage(nnx.Module):
     """A stage: the first block (may change shape) and the identical rest, stacked and scanned."""
 
-    def __init__(self, spec: ModelSpec, kind: str, cin: int, plan: StagePlan, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        kind: str,
+        cin: int,
+        plan: StagePlan,
+        rngs: nnx.Rngs,
+        options: NetOptions | None = None,
+    ):
+        options = _options(spec, options)
         self.remat = spec.remat
         self.unroll = decided(spec).stage_loop == "unroll"
         self.first = Block(
-            spec, kind, cin, plan.width, plan.out_width, plan.stride, rngs, stage_first=True
+            spec,
+            kind,
+            cin,
+            plan.width,
+            plan.out_width,
+            plan.stride,
+            rngs,
+            stage_first=True,
+            options=options,
         )
         self.num_rest = plan.num_blocks - 1
         rest = None
         if self.num_rest > 0:
-            make = partial(Block, spec, kind, plan.out_width, plan.width, plan.out_width, 1)
+            make = partial(
+                Block, spec, kind, plan.out_width, plan.width, plan.out_width, 1, options=options
+            )
             rest = stacked_modules(make, rngs, self.num_rest)
         self.rest = rest
 
@@ -252,11 +332,13 @@ class ResNet(nnx.Module):
 
     def __init__(self, arch: Architecture, *, rngs: nnx.Rngs):
         spec = arch.spec
+        options = net_options(arch)
         self.arch = arch
+        self.act = options.activation
         self.family, self.preact = spec.family, spec.model == "preact"
         stem_kernel, stem_stride = (3, 1) if spec.family == "cifar" else (7, 2)
         # A CIFAR pre-activation net starts straight with a conv; its first unit normalises.
-        stem_bn = not (self.preact and spec.family == "cifar")
+        stem_act = not (self.preact and spec.family == "cifar")
         pad = (stem_kernel - 1) // 2  # 3/3 for the 7x7 in every reference, TF official too
         self.stem = ConvBN(
             spec,
@@ -264,22 +346,27 @@ class ResNet(nnx.Module):
             arch.stem_width,
             stem_kernel,
             stem_stride,
-            bn=stem_bn,
+            bn=stem_act,
             padding=((pad, pad), (pad, pad)),
+            role=STEM,
+            options=options,
             rngs=rngs,
         )
-        self.stem_bn = stem_bn
+        self.stem_act = stem_act
+        self.scalars = options.net_scalars()
         self.pool_padding = _padding(spec, 3, 2)
         stages, cin = [], arch.stem_width
         for plan in arch.stages:
-            stages.append(Stage(spec, arch.block, cin, plan, rngs))
+            stages.append(Stage(spec, arch.block, cin, plan, rngs, options))
             cin = plan.out_width
         self.stages = nnx.List(stages)
-        self.final_preact = PreActBN(spec, cin, rngs=rngs) if self.preact else None
+        self.final_preact = PreActBN(spec, cin, options=options, rngs=rngs) if self.preact else None
+        head = options.init.layer(HEAD)
         self.head = nnx.Linear(
             cin,
             spec.num_classes,
-            kernel_init=dense_init,
+            kernel_init=head.kernel,
+            bias_init=head.bias,
             dtype=jnp.dtype(spec.precision),
             rngs=rngs,
         )
@@ -288,8 +375,8 @@ class ResNet(nnx.Module):
     def __call__(self, x: jax.Array, train: bool = False, capture: bool = False):
         """Logits (float32); with capture=True also every branch conv's response per stage."""
         x = self.stem(x.astype(self.dtype), train)
-        if self.stem_bn:
-            x = nnx.relu(x)
+        if self.stem_act:
+            x = self.act(self.scalars.stem_output(x))
         if self.family == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=self.pool_padding)
         responses = []
@@ -298,7 +385,7 @@ class ResNet(nnx.Module):
             responses.append(r)
         if self.final_preact is not None:
             x = self.final_preact(x, train)
-        x = jnp.mean(x, axis=(1, 2))
+        x = self.scalars.head_input(jnp.mean(x, axis=(1, 2)))
         logits = self.head(x).astype(jnp.float32)
         return (logits, responses) if capture else logits
 

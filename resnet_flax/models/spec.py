@@ -14,6 +14,11 @@ DTYPES = ("float32", "bfloat16")
 BOTTLENECK_STRIDES = ("3x3", "1x1")
 STRIDED_PADDINGS = ("symmetric", "same")
 PREACT_FIRST_SHORTCUTS = ("raw", "activated")
+# Cures for degradation other than shortcuts (docs/design.md, "Training without shortcuts").
+NORMS = ("batch", "none")
+ACTIVATIONS = ("relu", "tanh", "leaky_relu", "tat")
+INITS = ("he_normal", "delta_orthogonal", "suo_delta")
+BRANCHES = ("plain", "fixup", "skipinit")
 
 # ImageNet family, He et al. 2015 Table 1: blocks per stage and the block kind.
 IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -69,6 +74,22 @@ class ModelSpec:
     strided_padding: str = "symmetric"
     # "raw": the unit's input (He 2016 eq. 3); "activated": fb.resnet.torch's shared BN-ReLU.
     preact_first_shortcut: str = "raw"
+    # Without BatchNorm ("none") each conv gets a zero-initialised bias, except under Fixup,
+    # whose scalar biases replace it (Zhang et al. 2019).
+    norm: str = "batch"
+    # "tat": leaky ReLU transformed by TAT (Zhang et al. 2022) for this net's depth, via dks.
+    activation: str = "relu"
+    leaky_relu_slope: float = 0.01  # negative slope of activation=leaky_relu
+    # TAT's target for the net's C map at 0 (eta); deeper nets reach higher targets.
+    tat_target: float = 0.9
+    # "delta_orthogonal": Xiao et al. 2018; "suo_delta": DKS/TAT's scaled uniform orthogonal.
+    init: str = "he_normal"
+    # delta_orthogonal's weight and bias variances, at tanh's critical point (Xiao et al. 2018).
+    sigma_w2: float = 1.05
+    sigma_b2: float = 2.01e-5
+    # Residual branches without BN: "fixup" (Zhang et al. 2019) or "skipinit" (De & Smith 2020,
+    # ReZero): a learnable scalar, initialised to 0, multiplies each branch.
+    branch: str = "plain"
 
     def __post_init__(self) -> None:
         resolve(self)  # a spec that exists is valid: SpecError names what is
@@ -103,9 +124,30 @@ class Architecture:
         return 2 if self.block == "basic" else 3
 
     @property
+    def num_blocks(self) -> int:
+        """Residual units (or plain blocks) in all stages: Fixup's L."""
+        return sum(s.num_blocks for s in self.stages)
+
+    @property
     def weighted_layers(self) -> int:
         """Stem conv + branch convs + the classifier, as the paper counts depth."""
-        return 1 + self.convs_per_block * sum(s.num_blocks for s in self.stages) + 1
+        return 1 + self.convs_per_block * self.num_blocks + 1
+
+    @property
+    def num_activations(self) -> int:
+        """Activations a plain net applies in a chain: after the stem and after each conv."""
+        return self.weighted_layers - 1
+
+    def conv_channels(self) -> list[tuple[int, int]]:
+        """(c_in, c_out) of the stem and every branch conv, in layer order."""
+        pairs, cin = [(self.spec.in_channels, self.stem_width)], self.stem_width
+        for plan in self.stages:
+            for b in range(plan.num_blocks):
+                a = cin if b == 0 else plan.out_width
+                inner = [] if self.block == "basic" else [(plan.width, plan.width)]
+                pairs += [(a, plan.width), *inner, (plan.width, plan.out_width)]
+            cin = plan.out_width
+        return pairs
 
 
 def _cifar_block(depth: int, requested: str) -> str:
@@ -156,6 +198,13 @@ def check_bn_batch(bn_batch: int | None, batch_size: int) -> None:
 
 def resolve(spec: ModelSpec) -> Architecture:
     """Validate a spec and resolve it into stages; raises SpecError with the valid values."""
+    arch = _architecture(spec)
+    check_options(arch)
+    return arch
+
+
+def _architecture(spec: ModelSpec) -> Architecture:
+    """Validate the network's shape fields and resolve it into stem, stages and blocks."""
     _check_choice("model", spec.model, MODELS)
     _check_choice("family", spec.family, FAMILIES)
     _check_choice("shortcut", spec.shortcut, SHORTCUTS)
@@ -227,3 +276,104 @@ def complete_spec(
     if batch_size is not None:
         check_bn_batch(spec.bn_batch, batch_size)
     return spec
+
+
+def _option_conflicts(arch: Architecture) -> list[tuple[bool, str]]:
+    """(broken, why and what to do) for each combination the options' sources do not support."""
+    spec = arch.spec
+    no_bn, delta = spec.norm == "none", spec.init in ("delta_orthogonal", "suo_delta")
+    narrowing = [(a, b) for a, b in arch.conv_channels() if a > b]
+    return [
+        (
+            no_bn and spec.zero_init_residual,
+            "zero_init_residual zeroes the last BatchNorm scale of each branch and norm=none "
+            "has no BatchNorm; use branch=skipinit or branch=fixup to start branches at zero",
+        ),
+        (
+            spec.activation == "tat" and not no_bn,
+            "activation=tat shapes the kernel of a net without normalisation layers (dks "
+            "rejects BatchNorm with TAT); set norm=none",
+        ),
+        (
+            spec.activation == "tat" and spec.model != "plain",
+            f"activation=tat is built for nets without shortcuts (TAT's vanilla nets); got "
+            f"model={spec.model}: set model=plain",
+        ),
+        (
+            spec.activation == "tat" and spec.init != "suo_delta",
+            f"activation=tat assumes TAT's scaled uniform orthogonal delta init; got "
+            f"init={spec.init}: set init=suo_delta",
+        ),
+        (
+            delta and not no_bn,
+            f"init={spec.init} is for nets without normalisation (Xiao et al. 2018, Martens "
+            "et al. 2021; with BatchNorm gradients explode at initialisation whatever the "
+            "init, Yang et al. 2019); set norm=none",
+        ),
+        (
+            delta and spec.model != "plain",
+            f"init={spec.init} is for nets without shortcuts; got model={spec.model}: set "
+            "model=plain, or init=he_normal with branch=fixup or skipinit",
+        ),
+        (
+            spec.init == "delta_orthogonal" and spec.activation != "tanh",
+            f"init=delta_orthogonal's critical point (sigma_w2, sigma_b2) is tanh's; "
+            f"activation={spec.activation} cannot reach dynamical isometry (Pennington et al. "
+            "2017): set activation=tanh, or init=suo_delta",
+        ),
+        (
+            spec.init == "delta_orthogonal" and bool(narrowing),
+            "init=delta_orthogonal needs c_in <= c_out in every conv (an orthogonal "
+            f"c_in x c_out centre tap); this net has {narrowing[0][0]} -> {narrowing[0][1]} "
+            f"({arch.block} blocks): use init=suo_delta or basic blocks"
+            if narrowing
+            else "",
+        ),
+        (
+            spec.branch != "plain" and spec.model != "residual",
+            f"branch={spec.branch} rescales residual branches of post-activation units (both "
+            f"sources' CIFAR code); got model={spec.model}: set model=residual",
+        ),
+        (
+            spec.branch != "plain" and not no_bn,
+            f"branch={spec.branch} replaces BatchNorm in residual nets; set norm=none",
+        ),
+    ]
+
+
+def check_options(arch: Architecture) -> None:
+    """Raise SpecError (one line) for an option value or combination its source lacks."""
+    spec = arch.spec
+    _check_choice("norm", spec.norm, NORMS)
+    _check_choice("activation", spec.activation, ACTIVATIONS)
+    _check_choice("init", spec.init, INITS)
+    _check_choice("branch", spec.branch, BRANCHES)
+    if not 0.0 <= spec.leaky_relu_slope < 1.0:
+        raise SpecError(f"leaky_relu_slope must be in [0, 1); got {spec.leaky_relu_slope}")
+    if not 0.0 < spec.tat_target < 1.0:
+        raise SpecError(f"tat_target (TAT's c(0) target) must be in (0, 1); got {spec.tat_target}")
+    if spec.sigma_w2 <= 0.0 or spec.sigma_b2 < 0.0:
+        raise SpecError(
+            f"sigma_w2 must be > 0 and sigma_b2 >= 0; got {spec.sigma_w2} and {spec.sigma_b2}"
+        )
+    for broken, why in _option_conflicts(arch):
+        if broken:
+            raise SpecError(why)
+    if spec.activation == "tat":
+        _check_tat_target(arch)
+
+
+def _check_tat_target(arch: Architecture) -> None:
+    """Raise SpecError when dks finds TAT's c(0) target unreachable at this depth."""
+    from resnet_flax.models.tat import UnreachableTarget, tat_constants
+
+    spec = arch.spec
+    try:
+        tat_constants(arch.num_activations, spec.tat_target)
+    except UnreachableTarget as err:
+        raise SpecError(
+            f"activation=tat: depth {spec.depth} chains {err.num_activations} leaky ReLUs, "
+            f"which reach c(0) = {err.reachable:.3f} at most, below tat_target={spec.tat_target}"
+            f": set tat_target below {err.reachable:.3f}, use a deeper net, or another "
+            "activation"
+        ) from None

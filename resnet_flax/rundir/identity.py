@@ -45,7 +45,9 @@ ROLES: dict[str, dict[str, Role]] = {
         "model": IDN, "depth": IDN, "family": IDN, "shortcut": IDN, "block": IDN,
         "num_classes": IDN, "in_channels": IDN, "zero_init_residual": IDN, "precision": IDN,
         "bn_momentum": IDN, "bn_epsilon": IDN, "bn_batch": IDN, "bottleneck_stride": IDN,
-        "strided_padding": IDN, "preact_first_shortcut": IDN,
+        "strided_padding": IDN, "preact_first_shortcut": IDN, "norm": IDN, "activation": IDN,
+        "leaky_relu_slope": IDN, "tat_target": IDN, "init": IDN, "sigma_w2": IDN,
+        "sigma_b2": IDN, "branch": IDN,
         # how the same network is computed: the same parameters, the same numbers
         "remat": CON, "conv_impl": CON, "stage_loop": CON,
     },
