@@ -33,4 +33,6 @@ def test_an_added_key_is_refused_in_one_line():
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
-    assert proc.stderr.startswith("error: unknown key(s) lr; valid: block"), proc.stderr
+    assert proc.stderr.startswith("error: unknown key(s) lr; valid: activation, block, bn_batch"), (
+        proc.stderr
+    )

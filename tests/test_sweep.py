@@ -100,7 +100,10 @@ def test_batch_not_divisible_by_devices_fails_with_one_line(tmp_path):
             ["+trainer.iteration=50"],
             "error: unknown trainer key(s) iteration; valid: allow_recipe_change, batch_size",
         ),
-        (["+lr=0.5"], "error: unknown key(s) lr; valid: block"),  # + adds keys Hydra lacks
+        (
+            ["+lr=0.5"],
+            "error: unknown key(s) lr; valid: activation, block, bn_batch",
+        ),  # + adds keys Hydra lacks
         (
             ["dataset=imagenet21k"],
             "error: Could not find 'dataset/imagenet21k'; available: cifar10, cifar100, digits, "

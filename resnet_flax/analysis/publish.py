@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,24 @@ class Provenance:
     table: str  # the final numbers to quote
 
 
+def processor_name() -> str:
+    """The CPU model (its kernels decide XLA:CPU's rounding), or the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """Cores this process may use, the processor and the load averages: what a wall time means."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{cores} CPU cores, {processor_name()}; load average (1, 5, 15 min) at the end: {load}"
+
+
 def publish(sweep_dir: Path, target: Path, made: Provenance) -> None:
     """Copy the figures and report.md to `target`, with PROVENANCE.md (command and commit)."""
     # Before the copies below: they change tracked files, which would mark the commit dirty.
@@ -62,7 +82,8 @@ def publish(sweep_dir: Path, target: Path, made: Provenance) -> None:
         f"Commit: `{commit}`  \n"
         f"Sweep directory (not in git): `{made.sweep_dir}`  \n"
         f"Sweep wall time: {made.sweep_s:.0f} s; total with analysis and plots: "
-        f"{made.total_s:.0f} s (2 CPU cores)\n\n"
+        f"{made.total_s:.0f} s  \n"
+        f"Machine: {machine_line()}\n\n"
         "Final errors (training error in eval mode on the whole training set):\n\n"
         f"```\n{made.table}\n```\n"
     )
