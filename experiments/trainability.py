@@ -1,8 +1,9 @@
 """The trainability sweep, then each net at its best lr: ``python -m experiments.trainability``.
 
 Runs `python -m experiments.train -m experiment=trainability` (seven arms x depths x learning
-rates), then `experiments.best_lr` on it (report.md and figures in the sweep directory);
---publish copies them with the command, commit and wall time.
+rates), then `experiments.best_lr` on it and the signal-propagation probes of each net's best
+run (report.md and figures in the sweep directory); --publish copies them with the command,
+commit and wall time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from resnet_flax.analysis.best_of_group import DEFAULT_SWEPT, best_of_groups, depth_table_markdown
 from resnet_flax.analysis.best_of_group_plots import write_best_report
+from resnet_flax.analysis.best_probes import probe_best_runs
+from resnet_flax.analysis.probes import ProbeConfig
 from resnet_flax.analysis.publish import Provenance, publish
 from resnet_flax.analysis.runs import load_runs
 
@@ -53,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the sweep failed; see the logs under {sweep_dir}", file=sys.stderr)
         return 1
     sweep_s = time.perf_counter() - start
-    print("\n".join(write_best_report(sweep_dir, DEFAULT_SWEPT, sweep_dir / "report.md")))
+    report = sweep_dir / "report.md"
+    print("\n".join(write_best_report(sweep_dir, DEFAULT_SWEPT, report)))
+    print("\n".join(map(str, probe_best_runs(sweep_dir, DEFAULT_SWEPT, ProbeConfig(), report))))
     total_s = time.perf_counter() - start
     print(f"\nsweep {sweep_s:.0f} s, total wall time {total_s:.0f} s ({total_s / 60:.1f} min)")
     if args.publish:

@@ -174,3 +174,21 @@ def test_figures_and_the_entry_point(sweep, tmp_path, capsys):
     assert (sweep / "figures" / "error_vs_lr.png").is_file()
     assert "- plain DEGRADES" in capsys.readouterr().out
     assert best_lr.main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_the_runs_behind_each_groups_best_are_its_completed_seeds(sweep):
+    # Fails when a run of another lr or another group is taken for a group's
+    # best (its probes would then describe another net than the report's).
+    from resnet_flax.analysis.best_of_group import best_run_dirs
+
+    runs = load_runs([sweep])
+    dirs = best_run_dirs(runs, best_of_groups(runs))
+    names = sorted(d.name for d in dirs)
+    best_lrs = {("plain", 20): 0.1, ("plain", 56): 0.01, ("residual", 20): 0.1}
+    best_lrs[("residual", 56)] = 0.1
+    expected = sorted(
+        f"experiment=x,model={m},depth={d},optim.lr={lr},seed={s}"
+        for (m, d), lr in best_lrs.items()
+        for s in (0, 1)
+    )
+    assert names == expected

@@ -411,6 +411,20 @@ ARMS = {
 }
 
 
+def test_each_arm_has_its_own_net_name():
+    # Fails when two arms share a name: their probe files overwrite each other and their
+    # curves merge into one line of the probe figures.
+    assert {arm: spec.variant for arm, spec in ARMS.items()} == {
+        "plain_bn": "plain",
+        "plain_nobn": "plain-nobn",
+        "plain_delta_tanh": "plain-nobn-tanh-delta_orthogonal",
+        "plain_tat": "plain-nobn-tat-suo_delta",
+        "residual_bn": "residual",
+        "residual_fixup": "residual-nobn-fixup",
+        "residual_skipinit": "residual-nobn-skipinit",
+    }
+
+
 def test_the_trainability_preset_sweeps_seven_arms_three_depths_four_lrs():
     from experiments.cli.train_config import compose_train
 
@@ -424,6 +438,14 @@ def test_the_trainability_preset_sweeps_seven_arms_three_depths_four_lrs():
         for depth in (8, 56):  # TAT's 0.8 is reachable at depth 8 (0.809 at most)
             spec = spec_of("experiment=trainability", f"arm={arm}", f"depth={depth}")
             assert spec == expected.replace(depth=depth, in_channels=3), arm
+
+
+PROBE_FIGURES = (
+    "probes_vs_depth",
+    "shattered_gradients",
+    "signal_propagation_init",
+    "signal_propagation_trained",
+)
 
 
 @pytest.mark.slow
@@ -441,16 +463,23 @@ def test_trainability_entry_point_sweeps_reports_and_publishes(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     published = sorted(p.name for p in (tmp_path / "pub").iterdir())
-    assert published == [
-        "PROVENANCE.md",
-        "best_error_vs_depth.pdf",
-        "best_error_vs_depth.png",
-        "error_vs_lr.pdf",
-        "error_vs_lr.png",
-        "report.md",
-    ]
+    assert published == sorted(
+        [
+            "PROVENANCE.md",
+            "best_error_vs_depth.pdf",
+            "best_error_vs_depth.png",
+            "error_vs_lr.pdf",
+            "error_vs_lr.png",
+            *(f"{name}.{ext}" for name in PROBE_FIGURES for ext in ("pdf", "png")),
+            "report.md",
+        ]
+    )
     report = (tmp_path / "pub" / "report.md").read_text()
     assert "| group | depth 8 |" in report and "| residual_fixup |" in report
+    # the probes of each group's best run: both arms, at init and trained
+    probes = report.split("## Probes of each net at its best learning rate")[1]
+    for net in ("plain-8 | init", "plain-8 | trained", "residual-nobn-fixup-8 | trained"):
+        assert f"| {net} |" in probes, probes
     assert (
         "python -m experiments.trainability --sweep-dir"
         in (tmp_path / "pub" / "PROVENANCE.md").read_text()

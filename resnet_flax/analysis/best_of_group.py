@@ -171,6 +171,18 @@ def best_of_groups(runs: pd.DataFrame, swept: tuple[str, ...] = DEFAULT_SWEPT) -
     return BestOfGroups(swept, values, cells, _best_rows(cells, swept, values))
 
 
+def best_run_dirs(runs: pd.DataFrame, result: BestOfGroups) -> list[Path]:
+    """The completed runs of each group's best cell (every seed), in the report's order."""
+    tagged = tag_runs(runs, result.swept)
+    dirs: list[Path] = []
+    for _, best in result.best.iterrows():
+        match = tagged[(tagged["group"] == best["group"]) & (tagged["status"] == FINISHED)]
+        for key in result.swept:
+            match = match[match[key] == best[key]]  # a group with no completed run: NaN, none
+        dirs += [Path(d) for d in match["run_dir"]]
+    return dirs
+
+
 def _short(key: str) -> str:
     """A swept key's last part: optim.lr -> lr."""
     return key.rsplit(".", 1)[-1]

@@ -44,13 +44,19 @@ STATE_LABELS = {"init": "at init", "trained": "trained"}
 def probe_table(records: Sequence[dict]) -> pd.DataFrame:
     """One row per result: identity fields and the summary quantities."""
     keys = ("model", "depth", "seed", "state", "iteration", "final_train_error")
-    return pd.DataFrame([{**{k: r.get(k) for k in keys}, **r["summary"]} for r in records])
+    rows = [{**{k: r.get(k) for k in keys}, "net": net_of(r), **r["summary"]} for r in records]
+    return pd.DataFrame(rows)
+
+
+def net_of(record: dict) -> str:
+    """A result's net: its model and non-default options (records before options: the model)."""
+    return record.get("net") or record["model"]
 
 
 def seed_means(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean of every quantity over seeds per (model, depth, state)."""
+    """Mean of every quantity over seeds (and runs) per (net, depth, state)."""
     columns = [q for q, _, _ in QUANTITIES if q in table]
-    return table.groupby(["model", "depth", "state"], as_index=False)[columns].mean()
+    return table.groupby(["net", "depth", "state"], as_index=False)[columns].mean()
 
 
 def probes_vs_depth(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
@@ -69,7 +75,7 @@ def probes_vs_depth(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
             ax.set_title(title)
             ax.set_ylabel(ylabel)
         if not trained.empty:
-            groups = trained.groupby(["model", "depth", "state"], as_index=False)
+            groups = trained.groupby(["net", "depth", "state"], as_index=False)
             ax = flat[len(QUANTITIES)]
             _depth_lines(ax, groups["final_train_error"].mean(), "final_train_error")
             ax.set_title("final training error")
@@ -85,10 +91,10 @@ def probes_vs_depth(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
 
 
 def _depth_lines(ax, means: pd.DataFrame, key: str) -> None:
-    """One line per (model, state) of `key` against depth."""
-    for model in _ordered_models(means["model"]):
+    """One line per (net, state) of `key` against depth."""
+    for model in _ordered_models(means["net"]):
         for state, style in STATE_STYLES.items():
-            rows = means[(means["model"] == model) & (means["state"] == state)]
+            rows = means[(means["net"] == model) & (means["state"] == state)]
             if rows.empty:
                 continue
             rows = rows.sort_values("depth")
@@ -137,7 +143,7 @@ def _layer_means(records: Sequence[dict], mode: str) -> dict[tuple, np.ndarray]:
     groups: dict[tuple, list] = {}
     for r in records:
         values = [(x["second_moment"], x["cosine"]) for x in r["signal"][mode]]
-        groups.setdefault((r["model"], int(r["depth"])), []).append(values)
+        groups.setdefault((net_of(r), int(r["depth"])), []).append(values)
     return {
         k: np.mean(np.asarray(groups[k], float), axis=0) for k in sorted(groups, key=_net_order)
     }
@@ -155,12 +161,12 @@ def shattered_gradients(records: Sequence[dict], out_dir: str | Path) -> list[Pa
         fig, (left, right) = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.6))
         shown = set()
         for r in init:
-            key = (r["model"], r["depth"])
+            key = (net_of(r), r["depth"])
             if r["depth"] == deepest and key not in shown:
                 shown.add(key)
                 g = np.asarray(r["shattered"]["example"], float)
                 t = np.linspace(-r["probe"]["span"], r["probe"]["span"], len(g))
-                style = {"color": MODEL_COLORS.get(r["model"]), "linewidth": 0.7}
+                style = {"color": MODEL_COLORS.get(key[0]), "linewidth": 0.7}
                 left.plot(t, g / (np.max(np.abs(g)) or 1.0), label=model_label(*key), **style)
         left.set_xlabel("t (position on the line)")
         left.set_ylabel("g(t) / max |g|")
@@ -180,7 +186,7 @@ def _acf_means(records: Sequence[dict]) -> dict[tuple, np.ndarray]:
     """{(model, depth): mean autocorrelation over seeds}, plain first, shallow first."""
     groups: dict[tuple, list] = {}
     for r in records:
-        groups.setdefault((r["model"], int(r["depth"])), []).append(
+        groups.setdefault((net_of(r), int(r["depth"])), []).append(
             r["shattered"]["autocorrelation"]
         )
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,11 +121,18 @@ def summary_row(result: dict) -> dict:
 
 
 def _record(out_dir: Path, fields: dict, result: dict) -> dict:
-    """Write one net's result as <model>-<depth>_seed<s>_<state>.json; return it."""
+    """Write one net's result as <net>-<depth>_seed<s>_<state>[_<run id>].json; return it.
+
+    A trained run's file names its run directory by a short digest, so runs of one net that
+    differ in anything else (a learning rate of a sweep) keep a file each.
+    """
     record = {**fields, **result}
     record["summary"] = summary_row(record)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{fields['model']}-{fields['depth']}_seed{fields['seed']}_{fields['state']}.json"
+    name = f"{fields['net']}-{fields['depth']}_seed{fields['seed']}_{fields['state']}"
+    if fields["run_dir"] is not None:
+        name += "_" + hashlib.sha1(fields["run_dir"].encode()).hexdigest()[:8]
+    name += ".json"
     write_json(out_dir / name, record)
     log.info("%s: lag-1 autocorrelation %.3f", name, record["summary"]["lag1"])
     return record
@@ -194,6 +202,7 @@ def _fields(spec: ModelSpec, seed: int, state: str, iteration: int, run, cfg: Pr
     summary = run.summary if run is not None else {}
     return {
         "model": spec.model,
+        "net": spec.variant,  # the model and its non-default options
         "depth": spec.depth,
         "seed": seed,
         "state": state,

@@ -29,27 +29,34 @@ def _pct(value) -> str:
 
 def probe_markdown(records: Sequence[dict]) -> str:
     """The probes' table (seed means) and the sentences that compare plain with ResNet."""
+    means = seed_means(probe_table(records))
+    sentences = [*_published_checks(means), "", *_trend_sentences(means)]
+    return "\n".join([*sentences, "", probe_table_markdown(records)])
+
+
+def probe_table_markdown(records: Sequence[dict]) -> str:
+    """One row per net, depth and state: the probes' seed means and the final training error."""
     table = probe_table(records)
     means = seed_means(table)
-    errors = table[table["state"] == "trained"].set_index(["model", "depth"])["final_train_error"]
-    seeds = table[table["state"] == "init"].groupby(["model", "depth"])["seed"].nunique()
+    trained = table[table["state"] == "trained"]
+    errors = trained.groupby(["net", "depth"])["final_train_error"].mean()
+    seeds = table[table["state"] == "init"].groupby(["net", "depth"])["seed"].nunique()
     head = ["net", "state", "seeds"] + [label for _, label, _ in TABLE_COLUMNS] + ["train err"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in means.sort_values(["state", "model", "depth"]).itertuples():
-        key = (row.model, row.depth)
+    for row in means.sort_values(["state", "net", "depth"]).itertuples():
+        key = (row.net, row.depth)
         n = seeds.get(key, 1) if row.state == "init" else 1
         err = _pct(errors.get(key)) if row.state == "trained" else "-"
         cells = [fmt.format(getattr(row, col)) for col, _, fmt in TABLE_COLUMNS]
         lines.append(
             f"| {model_label(*key)} | {row.state} | {n} | " + " | ".join(cells) + f" | {err} |"
         )
-    sentences = [*_published_checks(means), "", *_trend_sentences(means)]
-    return "\n".join([*sentences, "", *lines]) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _series(means: pd.DataFrame, model: str, state: str, key: str) -> pd.Series:
     """One quantity against depth for one family and state."""
-    rows = means[(means["model"] == model) & (means["state"] == state)].sort_values("depth")
+    rows = means[(means["net"] == model) & (means["state"] == state)].sort_values("depth")
     return pd.Series(rows[key].to_numpy(), index=rows["depth"].astype(int))
 
 

@@ -98,6 +98,18 @@ class ModelSpec:
         """Return a copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def variant(self) -> str:
+        """The model and its options that differ from He et al.'s: 'plain-nobn-tat-suo_delta'."""
+        paper = {f.name: f.default for f in dataclasses.fields(self)}
+        parts = [self.model, "nobn" if self.norm == "none" else ""]
+        parts += [
+            getattr(self, k)
+            for k in ("activation", "init", "branch")
+            if getattr(self, k) != paper[k]
+        ]
+        return "-".join(p for p in parts if p)
+
 
 @dataclass(frozen=True)
 class StagePlan:
