@@ -1,6 +1,7 @@
 """Signal-propagation probes: analytic cases of each quantity, a real net, bad inputs."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,27 @@ def test_probe_command_writes_json_and_figures_for_fresh_nets(tmp_path):
     ]
     assert len(record["gradient_norms"]) == 6 and -1 <= record["summary"]["lag1"] <= 1
     assert (out / "figures" / "probes_vs_depth.png").stat().st_size > 0
+
+
+def test_a_fixup_net_at_init_is_probed_with_its_zero_gradients(tmp_path):
+    # Fails when a probe crashes on a net that starts with zero-initialised layers (Fixup's
+    # classifier and branch ends: the earlier layers have no gradient at init), or when its
+    # file is named like the BN ResNet's and would overwrite it.
+    from experiments.probe import main
+
+    out = tmp_path / "out"
+    args = ["--depths", "8", "--lines", "2", "--points", "16", "--max-lag", "4", "--batch", "4"]
+    args += ["--out", str(out), "dataset=digits", "arm=residual_fixup"]
+    assert main(args) == 0
+    path = out / "probes" / "residual-nobn-fixup-8_seed0_init.json"
+    record = json.loads(path.read_text())
+    # The zero classifier leaves no gradient: the gradient probes are undefined, written as
+    # null (strict JSON, no NaN); the input's own signal is still measured.
+    assert {layer["norm"] for layer in record["gradient_norms"]} == {0.0}
+    summary = record["summary"]
+    assert summary["gradient_norm_ratio"] is None and summary["lag1"] is None
+    assert "NaN" not in path.read_text()
+    assert math.isfinite(record["signal"]["input_cosine"])
 
 
 @pytest.mark.parametrize(

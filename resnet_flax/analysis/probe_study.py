@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,12 @@ class Prober:
         }
 
 
+def log10_ratio(a: float, b: float) -> float:
+    """log10(a / b); NaN where either is 0 (a zero-initialised classifier, as Fixup's, leaves
+    every earlier layer without a gradient at initialisation: no ratio to draw)."""
+    return float(np.log10(a / b)) if a > 0 and b > 0 else math.nan
+
+
 def summary_row(result: dict) -> dict:
     """The scalar quantities of one result that the figures draw against depth."""
     signal, grads = result["signal"], result["gradient_norms"]
@@ -113,10 +120,10 @@ def summary_row(result: dict) -> dict:
         "jacobian_log10_condition": result["jacobian"]["log10_condition"],
         "cosine_last_train": signal["train"][-1]["cosine"],
         "cosine_last_eval": signal["eval"][-1]["cosine"],
-        "second_moment_growth_eval": float(
-            np.log10(signal["eval"][-1]["second_moment"] / signal["eval"][0]["second_moment"])
+        "second_moment_growth_eval": log10_ratio(
+            signal["eval"][-1]["second_moment"], signal["eval"][0]["second_moment"]
         ),
-        "gradient_norm_ratio": float(np.log10(grads[0]["norm"] / grads[-1]["norm"])),
+        "gradient_norm_ratio": log10_ratio(grads[0]["norm"], grads[-1]["norm"]),
     }
 
 

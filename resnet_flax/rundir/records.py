@@ -119,7 +119,7 @@ def read_summary(run_dir: Path, warn: bool = False) -> dict:
 
 def write_json(path: Path, content: dict) -> None:
     """Atomically replace a JSON file (non-finite floats become null)."""
-    text = json.dumps({k: _finite(v) for k, v in content.items()}, indent=2) + "\n"
+    text = json.dumps(_finite(content), indent=2, allow_nan=False) + "\n"
     replace_text(Path(path), text)
 
 
@@ -244,7 +244,11 @@ def _json_object(raw: str) -> dict | None:
 
 
 def _finite(value):
-    """JSON has no NaN: non-finite floats are written as null."""
+    """JSON has no NaN: non-finite floats, at any depth, are written as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
