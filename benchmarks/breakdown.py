@@ -60,7 +60,8 @@ def job_breakdown(summary: dict, num: int) -> dict:
     counted = [key for key, _ in PARTS if key not in ("other_s", "total_s") and key in out]
     out["other_s"] = out["total_s"] - sum(out[key] for key in counted)
     out["compile_s"] = sum(t["compile_s"].values())
-    out["cache_hits"], out["cache_misses"] = t["cache_hits"], t["cache_misses"]
+    cache = summary.get("compile_cache") or {}  # the persistent cache's lookups (a run's own)
+    out["cache_hits"], out["cache_misses"] = cache.get("hits"), cache.get("misses")
     out["programs"] = dict(list(t["programs"].items())[:4])  # the largest, as recorded
     out["started_at"], out["ended_at"] = t["started_at"], t["ended_at"]
     return out

@@ -67,7 +67,8 @@ def job_table(jobs: list[dict]) -> list[str]:
     for i, job in enumerate(jobs):
         cells = " | ".join(_cell(job.get(k)) for k in keys)
         net = f"{job.get('model')}-{job.get('depth')}"
-        hits = f"{job['cache_hits']}/{job['cache_misses']}" if "cache_hits" in job else "-"
+        known = job.get("cache_hits") is not None
+        hits = f"{job['cache_hits']}/{job['cache_misses']}" if known else "-"
         num = job.get("num", i)
         lines.append(f"| {num} | {net} | {job['reused_worker']} | {cells} | {hits} |")
     return lines

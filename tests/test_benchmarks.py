@@ -360,14 +360,15 @@ def run_summary(model: str = "plain", started_at: float = 110.0, **timing_change
         "checkpoint_s": 0.5,
         "compile_s": {"data": 0.0, "set_up": 0.5, "train": 6.0, "eval": 1.5, "checkpoint": 0.25},
         "programs": {"memory_train_step": 6.0, "eval_sums": 1.5, "draw": 0.5, "stack": 0.2},
-        "cache_hits": 1,
-        "cache_misses": 2,
         "total_s": 13.0,
         "started_at": started_at,
         "ended_at": started_at + 13.0,
         **timing_changes,
     }
-    return {"model": model, "depth": 8, "status": "completed", "timings": timings}
+    cache = {"lookups": 3, "hits": 1, "misses": 2, "below_threshold": 0}
+    return {"model": model, "depth": 8, "status": "completed", "timings": timings} | {
+        "compile_cache": cache
+    }
 
 
 def test_breakdown_takes_the_recorded_phases_and_leaves_the_rest_to_other():

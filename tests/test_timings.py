@@ -39,18 +39,15 @@ def test_a_phase_takes_its_compilation_apart():
         a = time.time()
         time.sleep(0.1)  # a compilation, as JAX reports one
         monitoring.record_event_time_span(BACKEND_COMPILE, a, time.time(), fun_name="jit(step)")
-        monitoring.record_event("/jax/compilation_cache/cache_hits")
     elapsed = time.perf_counter() - t0
     # after the phase, JAX's events are no longer this clock's
     monitoring.record_event_time_span(BACKEND_COMPILE, 0.0, 50.0, fun_name="jit(step)")
-    monitoring.record_event("/jax/compilation_cache/cache_hits")
     record = clock.record()
     compiled = record["compile_s"]["train"]
     assert compiled == pytest.approx(0.1, abs=0.05) and record["programs"] == {
         "step": round(compiled, 3)
     }
     assert record["train_s"] == pytest.approx(elapsed - compiled, abs=1e-3)
-    assert record["cache_hits"] == 1 and record["cache_misses"] == 0
     assert set(record["compile_s"]) == set(PHASES) and record["eval_s"] == 0.0
 
 
@@ -103,7 +100,8 @@ def test_a_run_records_its_phases_in_its_summary(tmp_path):
     train_compile = record["compile_s"]["train"]
     assert train_compile == pytest.approx(summary["compile_time_s"], rel=0.1, abs=0.2)
     assert record["compile_s"]["eval"] > 0 and record["compile_s"]["set_up"] > 0
-    assert record["cache_hits"] + record["cache_misses"] > 0  # the persistent compilation cache
+    cache = summary["compile_cache"]  # the persistent compilation cache, counted once
+    assert cache["hits"] + cache["misses"] > 0 and "cache_hits" not in record
     parts = sum(record[f"{p}_s"] for p in PHASES) + sum(record["compile_s"].values())
     # total_s spans the whole call; wall_time_s starts after the set-up
     assert parts <= record["total_s"] and summary["wall_time_s"] < record["total_s"]

@@ -11,7 +11,6 @@ Phases (seconds of this call of train(), compilation taken out of each):
     compile_s     {phase: seconds} compiling inside each phase (tracing, lowering, XLA or a
                   persistent-cache read), from JAX's own compilation events (jax.monitoring)
     programs      {program: seconds} of that compilation per compiled function
-    cache_hits, cache_misses   persistent compilation cache lookups
     total_s       train() from its call to the summary; what no phase covers is the loop's
                   own work (metric lines, progress bar, summary)
 """
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,10 +33,6 @@ COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
-CACHE_EVENTS = {
-    "/jax/compilation_cache/cache_hits": "cache_hits",
-    "/jax/compilation_cache/cache_misses": "cache_misses",
-}
 PHASES = ("data", "set_up", "train", "eval", "checkpoint")
 
 # When the last run trained in this process ended: a sweep worker reused for another job
@@ -83,7 +78,6 @@ class Timings:
         self.seconds: dict[str, float] = defaultdict(float)
         self.compile_s: dict[str, float] = defaultdict(float)
         self.programs: dict[str, float] = defaultdict(float)
-        self.cache: Counter = Counter()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -96,19 +90,13 @@ class Timings:
             if event in COMPILE_EVENTS:
                 spans.append((start, end, program_name(str(kwargs.get("fun_name", "")))))
 
-        def on_event(event: str, **kwargs) -> None:
-            if event in CACHE_EVENTS:
-                self.cache[CACHE_EVENTS[event]] += 1
-
         jax.monitoring.register_event_time_span_listener(on_span)
-        jax.monitoring.register_event_listener(on_event)
         t0 = time.perf_counter()
         try:
             yield
         finally:
             elapsed = time.perf_counter() - t0
             jax.monitoring.unregister_event_time_span_listener(on_span)
-            jax.monitoring.unregister_event_listener(on_event)
             compiled = 0.0
             for start, end, program in outermost(spans):
                 compiled += end - start
@@ -127,8 +115,6 @@ class Timings:
             **{f"{p}_s": self.seconds.get(p, 0.0) for p in PHASES},
             "compile_s": {p: self.compile_s.get(p, 0.0) for p in PHASES},
             "programs": {name: round(s, 3) for name, s in ranked},
-            "cache_hits": self.cache["cache_hits"],
-            "cache_misses": self.cache["cache_misses"],
             "total_s": time.perf_counter() - self._t0,
             "started_at": self.started_at,
             "ended_at": _last_run_end,
