@@ -167,6 +167,7 @@ def test_a_fixup_net_at_init_is_probed_with_its_zero_gradients(tmp_path):
     assert {layer["norm"] for layer in record["gradient_norms"]} == {0.0}
     summary = record["summary"]
     assert summary["gradient_norm_ratio"] is None and summary["lag1"] is None
+    assert summary["correlation_length"] is None  # not the longest lag: there is no series
     assert "NaN" not in path.read_text()
     assert math.isfinite(record["signal"]["input_cosine"])
 

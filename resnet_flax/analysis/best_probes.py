@@ -19,7 +19,10 @@ Each group's best run probed at initialisation and at its end ({count} runs; fig
 input gradient along a line through an image (Balduzzi et al. 2017; near 1: smooth, near 0:
 shattered); Jacobian: spread of the log singular values of the input-output Jacobian (0:
 dynamical isometry, Xiao et al. 2018); gradient ratio: log10 of the first layer's gradient norm
-over the last's.
+over the last's. – marks a value that does not exist: at initialisation Fixup's zero classifier
+passes no gradient, SkipInit's and Fixup's branches output zero, and delta kernels (stride-2
+convs reading only their centre tap) leave input pixels unseen, so the Jacobian has zero
+singular values.
 
 """
 

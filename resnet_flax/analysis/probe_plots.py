@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,9 @@ STATE_STYLES = {
     "trained": {"linestyle": "-"},
 }
 STATE_LABELS = {"init": "at init", "trained": "trained"}
+# Nets other than the papers' (model options: plain-nobn-tat-suo_delta) take these colours in
+# turn: tab10 without the papers' red, blue and green.
+OTHER_NET_COLORS = ("#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 def probe_table(records: Sequence[dict]) -> pd.DataFrame:
@@ -51,6 +55,13 @@ def probe_table(records: Sequence[dict]) -> pd.DataFrame:
 def net_of(record: dict) -> str:
     """A result's net: its model and non-default options (records before options: the model)."""
     return record.get("net") or record["model"]
+
+
+def net_colors(nets: Sequence[str]) -> dict[str, str]:
+    """A colour per net: the papers' nets keep theirs, the others take OTHER_NET_COLORS."""
+    others = [n for n in _ordered_models(nets) if n not in MODEL_COLORS]
+    cycle = {n: OTHER_NET_COLORS[i % len(OTHER_NET_COLORS)] for i, n in enumerate(others)}
+    return {n: MODEL_COLORS.get(n) or cycle[n] for n in set(nets)}
 
 
 def seed_means(table: pd.DataFrame) -> pd.DataFrame:
@@ -67,17 +78,20 @@ def probes_vs_depth(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
     panels = len(QUANTITIES) + (0 if trained.empty else 1)
     cols = 3
     rows = -(-panels // cols)
+    colors = net_colors(list(table["net"]))
+    legend_rows = -(-2 * len(colors) // 3)  # a line per net and state, three to a row
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(rows, cols, figsize=(FULL_WIDTH, 2.0 * rows), squeeze=False)
+        height = 2.0 * rows + 0.16 * legend_rows
+        fig, axes = plt.subplots(rows, cols, figsize=(FULL_WIDTH, height), squeeze=False)
         flat = list(axes.ravel())
         for ax, (key, title, ylabel) in zip(flat, QUANTITIES, strict=False):
-            _depth_lines(ax, means, key)
+            _depth_lines(ax, means, key, colors)
             ax.set_title(title)
             ax.set_ylabel(ylabel)
         if not trained.empty:
             groups = trained.groupby(["net", "depth", "state"], as_index=False)
             ax = flat[len(QUANTITIES)]
-            _depth_lines(ax, groups["final_train_error"].mean(), "final_train_error")
+            _depth_lines(ax, groups["final_train_error"].mean(), "final_train_error", colors)
             ax.set_title("final training error")
             _percent_axis(ax, "training error")
         for ax in flat[panels:]:
@@ -85,12 +99,13 @@ def probes_vs_depth(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
         for ax in flat[:panels]:
             ax.set_xlabel("depth")
             ax.set_xticks(sorted(means["depth"].unique()))
-        flat[0].legend(loc="best")
-        fig.tight_layout()
+        handles, labels = flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+        fig.tight_layout(rect=(0, 0.16 * legend_rows / height + 0.01, 1, 1))
         return save_figure(fig, out_dir, "probes_vs_depth")
 
 
-def _depth_lines(ax, means: pd.DataFrame, key: str) -> None:
+def _depth_lines(ax, means: pd.DataFrame, key: str, colors: dict[str, str]) -> None:
     """One line per (net, state) of `key` against depth."""
     for model in _ordered_models(means["net"]):
         for state, style in STATE_STYLES.items():
@@ -98,7 +113,7 @@ def _depth_lines(ax, means: pd.DataFrame, key: str) -> None:
             if rows.empty:
                 continue
             rows = rows.sort_values("depth")
-            style = {**style, "color": MODEL_COLORS.get(model), "markersize": 3}
+            style = {**style, "color": colors[model], "markersize": 3}
             label = f"{model_label(model)} {STATE_LABELS[state]}"
             ax.plot(
                 rows["depth"], rows[key], marker=MODEL_MARKERS.get(model, "o"), label=label, **style
@@ -157,6 +172,7 @@ def shattered_gradients(records: Sequence[dict], out_dir: str | Path) -> list[Pa
         return []
     deepest = max(r["depth"] for r in init)
     colors = depth_colors(r["depth"] for r in init)
+    by_net = net_colors([net_of(r) for r in init])
     with plt.rc_context(STYLE):
         fig, (left, right) = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.6))
         shown = set()
@@ -166,7 +182,7 @@ def shattered_gradients(records: Sequence[dict], out_dir: str | Path) -> list[Pa
                 shown.add(key)
                 g = np.asarray(r["shattered"]["example"], float)
                 t = np.linspace(-r["probe"]["span"], r["probe"]["span"], len(g))
-                style = {"color": MODEL_COLORS.get(key[0]), "linewidth": 0.7}
+                style = {"color": by_net[key[0]], "linewidth": 0.7}
                 left.plot(t, g / (np.max(np.abs(g)) or 1.0), label=model_label(*key), **style)
         left.set_xlabel("t (position on the line)")
         left.set_ylabel("g(t) / max |g|")
@@ -189,9 +205,12 @@ def _acf_means(records: Sequence[dict]) -> dict[tuple, np.ndarray]:
         groups.setdefault((net_of(r), int(r["depth"])), []).append(
             r["shattered"]["autocorrelation"]
         )
-    return {
-        k: np.nanmean(np.asarray(groups[k], float), axis=0) for k in sorted(groups, key=_net_order)
-    }
+    with warnings.catch_warnings():  # a net with no gradient at init (Fixup): NaN, no noise
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            k: np.nanmean(np.asarray(groups[k], float), axis=0)
+            for k in sorted(groups, key=_net_order)
+        }
 
 
 def _net_order(key: tuple) -> tuple:

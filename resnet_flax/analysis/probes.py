@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 
 import jax
@@ -118,35 +119,40 @@ def autocorrelation(g: np.ndarray, max_lag: int) -> np.ndarray:
 
 def correlation_length(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first lag k >= 1 with r(k) < 0.5, whether it was capped): a series that stays above
-    0.5 up to the last lag computed gets that lag, marked capped."""
+    0.5 up to the last lag computed gets that lag, marked capped; an undefined one (a zero
+    gradient series) gets NaN."""
     below = r[..., 1:] < CORRELATION_LENGTH_LEVEL
     capped = ~np.any(below, axis=-1)
     first = np.argmax(below, axis=-1) + 1
-    return np.where(capped, r.shape[-1] - 1, first), capped
+    length = np.where(capped, r.shape[-1] - 1, first).astype(float)
+    return np.where(np.all(np.isnan(r[..., 1:]), axis=-1), np.nan, length), capped
 
 
 def shattering_summary(g: np.ndarray, max_lag: int) -> dict:
     """Lag-1 autocorrelation and correlation length of gradient series g (lines, points)."""
     r = autocorrelation(g, max_lag)
     length, capped = correlation_length(r)
-    return {
-        "lag1": float(np.nanmean(r[:, 1])),
-        "lag1_std": float(np.nanstd(r[:, 1])),
-        "correlation_length": float(np.mean(length)),
-        "correlation_length_capped": float(np.mean(capped)),
-        "autocorrelation": np.nanmean(r, axis=0).tolist(),
-    }
+    with warnings.catch_warnings():  # every line's gradient zero (Fixup at init): NaN, no noise
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            "lag1": float(np.nanmean(r[:, 1])),
+            "lag1_std": float(np.nanstd(r[:, 1])),
+            "correlation_length": float(np.nanmean(length)),
+            "correlation_length_capped": float(np.mean(capped)),
+            "autocorrelation": np.nanmean(r, axis=0).tolist(),
+        }
 
 
 def spectrum_summary(sigma: np.ndarray) -> dict:
     """Spread of Jacobian singular values (images, k): log10 max/min and std of ln sigma."""
     sigma = np.asarray(sigma, np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero singular value: inf / NaN
         log_sigma = np.log(sigma)
-    condition = log_sigma[:, 0] - log_sigma[:, -1]  # svd sorts descending
+        condition = log_sigma[:, 0] - log_sigma[:, -1]  # svd sorts descending
+        spread = np.std(log_sigma, axis=1)
     return {
         "log10_condition": float(np.median(condition) / np.log(10)),
-        "std_log_sigma": float(np.mean(np.std(log_sigma, axis=1))),
+        "std_log_sigma": float(np.mean(spread)),
         "sigma_max": float(np.median(sigma[:, 0])),
         "sigma_min": float(np.median(sigma[:, -1])),
     }

@@ -22,6 +22,11 @@ TABLE_COLUMNS = (
 )
 
 
+def _cell(value: float, fmt: str) -> str:
+    """A probe's value; '–' where it is undefined (a zero gradient or singular value)."""
+    return fmt.format(value) if np.isfinite(value) else "–"
+
+
 def _pct(value) -> str:
     """A fraction as a percentage, '-' when missing."""
     return "-" if value is None or pd.isna(value) else f"{100 * float(value):.1f}%"
@@ -47,7 +52,7 @@ def probe_table_markdown(records: Sequence[dict]) -> str:
         key = (row.net, row.depth)
         n = seeds.get(key, 1) if row.state == "init" else 1
         err = _pct(errors.get(key)) if row.state == "trained" else "-"
-        cells = [fmt.format(getattr(row, col)) for col, _, fmt in TABLE_COLUMNS]
+        cells = [_cell(getattr(row, col), fmt) for col, _, fmt in TABLE_COLUMNS]
         lines.append(
             f"| {model_label(*key)} | {row.state} | {n} | " + " | ".join(cells) + f" | {err} |"
         )
