@@ -365,7 +365,7 @@ def run_summary(model: str = "plain", started_at: float = 110.0, **timing_change
         "ended_at": started_at + 13.0,
         **timing_changes,
     }
-    cache = {"lookups": 3, "hits": 1, "misses": 2, "below_threshold": 0}
+    cache = {"lookups": 3, "hits": 1, "misses": 2, "not_written": 0}
     return {"model": model, "depth": 8, "status": "completed", "timings": timings} | {
         "compile_cache": cache
     }

@@ -96,7 +96,7 @@ def test_second_run_of_a_learning_rate_sweep_finds_every_program_cached(
     assert first["lookups"] == first["hits"] + first["misses"]
     second = train(tmp_path / "second", OTHER_NUMBERS, digits)["compile_cache"]
     assert second["lookups"] >= 2, second
-    assert second == {**second, "hits": second["lookups"], "misses": 0, "below_threshold": 0}
+    assert second == {**second, "hits": second["lookups"], "misses": 0, "not_written": 0}
     # The cached program ran each run's numbers: lr after steps 2 and 4 (drop at 3, or 2).
     assert lr_curve(tmp_path / "first") == pytest.approx([0.1, 0.1 * 0.1])
     assert lr_curve(tmp_path / "second") == pytest.approx([0.37, 0.37 * 0.2])

@@ -35,11 +35,12 @@ class CacheEvents:
         self._start = {event: _totals[event] for event in EVENTS.values()}
 
     def counts(self) -> dict[str, int]:
-        """{"lookups", "hits", "misses", "below_threshold"} since this counter was made.
+        """{"lookups", "hits", "misses", "not_written"} since this counter was made.
 
-        below_threshold: programs compiled faster than jax_persistent_cache_min_compile_time_secs,
-        which the cache does not keep (lookups that neither hit nor were written).
+        not_written: programs compiled and not kept (lookups that neither hit nor were
+        written): quicker than jax_persistent_cache_min_compile_time_secs, or holding a host
+        callback, which JAX never persists (the delta-orthogonal and SUO-delta draws).
         """
         out = {name: _totals[event] - self._start[event] for name, event in EVENTS.items()}
-        out["below_threshold"] = out["lookups"] - out["hits"] - out["misses"]
+        out["not_written"] = out["lookups"] - out["hits"] - out["misses"]
         return out
