@@ -9,13 +9,12 @@ commit and wall time.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
+from experiments.cli.sweeps import new_sweep_dir, run_sweep, train_sweep_command
 from resnet_flax.analysis.best_of_group import DEFAULT_SWEPT, best_of_groups, depth_table_markdown
 from resnet_flax.analysis.best_of_group_plots import write_best_report
 from resnet_flax.analysis.best_probes import probe_best_runs
@@ -46,23 +45,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep, report each group's best lr; returns the exit code."""
     args = parse_args(argv)
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    sweep_dir = args.sweep_dir or Path("results", "sweeps", EXPERIMENT, stamp)
-    command = [sys.executable, "-m", "experiments.train", "-m", f"experiment={EXPERIMENT}"]
-    command += [f"hydra.sweep.dir={sweep_dir}", *args.overrides]
-    print("$", " ".join(command[1:]), flush=True)
+    sweep_dir = args.sweep_dir or new_sweep_dir(EXPERIMENT)
     start = time.perf_counter()
-    if subprocess.run(command, check=False).returncode != 0:
-        print(f"error: the sweep failed; see the logs under {sweep_dir}", file=sys.stderr)
+    if not run_sweep(train_sweep_command(EXPERIMENT, sweep_dir, args.overrides), sweep_dir):
         return 1
     sweep_s = time.perf_counter() - start
     report = sweep_dir / "report.md"
     print("\n".join(write_best_report(sweep_dir, DEFAULT_SWEPT, report)))
-    print("\n".join(map(str, probe_best_runs(sweep_dir, DEFAULT_SWEPT, ProbeConfig(), report))))
+    runs = load_runs([sweep_dir])
+    best = best_of_groups(runs, DEFAULT_SWEPT)
+    print("\n".join(map(str, probe_best_runs(sweep_dir, runs, best, ProbeConfig(), report))))
     total_s = time.perf_counter() - start
     print(f"\nsweep {sweep_s:.0f} s, total wall time {total_s:.0f} s ({total_s / 60:.1f} min)")
     if args.publish:
-        table = depth_table_markdown(best_of_groups(load_runs([sweep_dir])))
+        table = depth_table_markdown(best)
         line = "python -m experiments.trainability " + " ".join(argv or sys.argv[1:])
         publish(sweep_dir, args.publish, Provenance(line, sweep_dir, sweep_s, total_s, table))
     return 0

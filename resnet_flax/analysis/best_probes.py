@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from resnet_flax.analysis.best_of_group import best_of_groups, best_run_dirs
+import pandas as pd
+
+from resnet_flax.analysis.best_of_group import BestOfGroups, best_run_dirs
 from resnet_flax.analysis.probe_plots import probe_figures
 from resnet_flax.analysis.probe_study import probe_runs
 from resnet_flax.analysis.probes import ProbeConfig
-from resnet_flax.analysis.runs import load_runs
 from resnet_flax.analysis.why_report import probe_table_markdown
 
 SECTION = """
@@ -28,11 +29,10 @@ singular values.
 
 
 def probe_best_runs(
-    sweep_dir: Path, swept: tuple[str, ...], cfg: ProbeConfig, report: Path
+    sweep_dir: Path, runs: pd.DataFrame, best: BestOfGroups, cfg: ProbeConfig, report: Path
 ) -> list[Path]:
     """Probe every group's best run, draw the probe figures, append the table to `report`."""
-    runs = load_runs([sweep_dir])
-    dirs = best_run_dirs(runs, best_of_groups(runs, swept))
+    dirs = best_run_dirs(runs, best)
     if not dirs:
         return []
     records = probe_runs(dirs, cfg, sweep_dir / "probes")
