@@ -18,8 +18,9 @@ from flax import nnx
 from jax import lax
 
 from resnet_flax.models.counts import count_params
+from resnet_flax.models.layers import option_a_shortcut
 from resnet_flax.models.options import net_options, suo_delta
-from resnet_flax.models.resnet import ResNet, abstract_model, build_model, option_a_shortcut
+from resnet_flax.models.resnet import ResNet, abstract_model, build_model
 from resnet_flax.models.spec import ModelSpec, SpecError, resolve
 from resnet_flax.models.tat import tat_constants
 
